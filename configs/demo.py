@@ -1,0 +1,42 @@
+"""The synthetic demo: a tiny ImageBERT pretrained on a generated scene dataset, on a laptop CPU.
+
+Runs the real code path: dataset records written to disk by the builder, read through tf.data,
+global arrays on a device mesh, the jitted step, Orbax checkpoints, TensorBoard and metrics.jsonl.
+`demo.py:smoke` shrinks it further (used by the tests).
+"""
+
+import ml_collections
+
+from imagebert_jax import config_defaults as defaults
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  smoke = arg == "smoke"
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = defaults.model_base()
+  c.model.update(dict(
+      vocab_size=0,  # 0: the size of the vocabulary file
+      hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128, max_text_len=16, max_regions=16,
+      region_feature_dim=32, num_object_classes=16, max_position_embeddings=64,
+      dropout_rate=0.0, attention_dropout_rate=0.0, dtype="float32"))
+  c.text = ml_collections.ConfigDict(dict(vocab_file="", lowercase=True))
+  c.mesh = defaults.mesh_default()
+
+  data = defaults.data_default(directory="", train_split="train", eval_split="test")
+  data.synthetic.update(dict(enabled=True, train_images=200 if smoke else 3000,
+                             eval_images=50 if smoke else 200, feature_dim=32, min_regions=10,
+                             max_regions=16, captions_per_image=5))
+  data.shuffle_buffer = 500
+  data.pair_shuffle_buffer = 256
+  c.stages = ml_collections.ConfigDict()
+  steps = 12 if smoke else 1500
+  c.stages.pretrain = defaults.pretrain_stage(data, batch_size=32 if smoke else 64,
+                                              num_steps=steps, learning_rate=1e-3)
+  c.stages.pretrain.optim.warmup_steps = 2 if smoke else 100
+  c.stages.pretrain.optim.weight_decay = 0.01
+  c.stages.pretrain.train.update(dict(
+      log_every=4 if smoke else 50, checkpoint_every=6 if smoke else 500, keep_checkpoints=2,
+      eval_every=steps, eval_batches=4 if smoke else 20))
+  c.run = "pretrain"
+  return c

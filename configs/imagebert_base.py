@@ -1,0 +1,24 @@
+"""ImageBERT-base as in the paper: BERT-base over 44 text positions and 100 regions (144 in all).
+
+One pretraining stage on a built dataset (see the README for building one). Batch 48, Adam at
+1e-4 as in the paper. Override anything from the command line, e.g.
+  --config.stages.pretrain.data.dir=/data/cc_sbu --config.text.vocab_file=/models/bert/vocab.txt
+"""
+
+import ml_collections
+
+from imagebert_jax import config_defaults as defaults
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = defaults.model_base()
+  c.text = ml_collections.ConfigDict(dict(vocab_file="", lowercase=True))
+  c.mesh = defaults.mesh_default()
+  c.stages = ml_collections.ConfigDict()
+  c.stages.pretrain = defaults.pretrain_stage(defaults.data_default(), batch_size=48,
+                                              num_steps=1_000_000, learning_rate=1e-4)
+  c.run = "pretrain"
+  return c

@@ -1,0 +1,84 @@
+"""Defaults shared by the run configs in configs/, one function per part of a run.
+
+A run config (see imagebert_base.py, demo.py) is the whole description of a run:
+
+  seed, model, text, mesh       shared by every stage
+  stages.<name>                 one entry per stage: kind ('pretrain', ...), data, objective,
+                                optim, train, init
+  run                           the stages to run, in order (comma-separated names)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+# Logical axis -> mesh axes. 'batch' is the data dimension of activations; the rest name weight
+# dimensions (see imagebert_jax.model). FSDP shards weights over their 'embed' dimension, tensor
+# parallelism over heads, MLP, vocabulary, classes and the region-feature dimension.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("heads_kv", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("classes", "tensor"),
+    ("feature", "tensor"),
+    ("length", None),
+    ("act_embed", None),
+)
+
+
+def model_base() -> ConfigDict:
+  """BERT-base over 44 text positions and 100 regions of 2048-d (144 positions in all)."""
+  return ConfigDict(dict(
+      vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072,
+      max_text_len=44, max_regions=100, region_feature_dim=2048, num_object_classes=1600,
+      max_position_embeddings=512, type_vocab_size=2, dropout_rate=0.1,
+      attention_dropout_rate=0.1, layer_norm_eps=1e-12, initializer_range=0.02,
+      dtype="bfloat16", param_dtype="float32", attention_impl="auto", remat="none"))
+
+
+def mesh_default() -> ConfigDict:
+  return ConfigDict(dict(shape=(-1, 1, 1), rules=DEFAULT_RULES))
+
+
+def objective_default() -> ConfigDict:
+  """The paper's masking rates and equal loss weights."""
+  return ConfigDict(dict(
+      mlm_rate=0.15, mlm_mask_prob=0.8, mlm_random_prob=0.1, region_rate=0.15,
+      region_zero_prob=0.9, itm_neg_prob=0.5, moc_loss="ce", mlm_weight=1.0, moc_weight=1.0,
+      mrfr_weight=1.0, itm_weight=1.0))
+
+
+def optim_default(learning_rate: float = 1e-4) -> ConfigDict:
+  return ConfigDict(dict(
+      learning_rate=learning_rate, warmup_steps=10_000, end_lr_fraction=0.0, weight_decay=0.01,
+      b1=0.9, b2=0.999, eps=1e-6, grad_clip_norm=1.0))
+
+
+def train_default(batch_size: int = 48, num_steps: int = 1_000_000) -> ConfigDict:
+  return ConfigDict(dict(
+      batch_size=batch_size, num_steps=num_steps, grad_accum_steps=1, log_every=100,
+      checkpoint_every=5000, keep_checkpoints=3, eval_every=10_000, eval_batches=50,
+      skip_nonfinite=True, max_nonfinite_in_a_row=20))
+
+
+def data_default(directory: str = "", train_split: str = "train",
+                 eval_split: str = "val") -> ConfigDict:
+  return ConfigDict(dict(
+      dir=directory, train_split=train_split, eval_split=eval_split, shuffle_buffer=1000,
+      pair_shuffle_buffer=256, threadpool_size=0, ram_budget_gb=0.0, prefetch=2,
+      synthetic=ConfigDict(dict(enabled=False, train_images=0, eval_images=0, feature_dim=0,
+                                min_regions=10, max_regions=16, captions_per_image=5))))
+
+
+def pretrain_stage(data: ConfigDict, *, batch_size: int, num_steps: int,
+                   learning_rate: float = 1e-4) -> ConfigDict:
+  return ConfigDict(dict(
+      kind="pretrain", data=data, objective=objective_default(),
+      optim=optim_default(learning_rate), train=train_default(batch_size, num_steps),
+      init=ConfigDict(dict(from_stage="", checkpoint="", bert=""))))

@@ -1,0 +1,177 @@
+"""Writing datasets in TFDS's format: streamed, sharded, deterministic, with a report.
+
+A build writes, for each split, TFRecord shards named `{name}-{split}.tfrecord-{i:05d}-of-{n:05d}`
+and beside each shard a small JSON report (records, caption pairs, bytes, what was skipped and why).
+Several machines may each write their own shards (`shard_index` of `num_shards`); `finalize` then
+checks that every shard of every split is there, writes the TFDS metadata (so
+`tfds.builder_from_directory` reads the folder) and the dataset summary `imagebert_dataset.json`.
+Memory stays bounded: records are serialized and written one at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import json
+import logging
+import os
+import re
+import time
+from typing import Any
+
+from imagebert_jax.data import records
+
+_REPORT = re.compile(r"^(?P<name>.+)-(?P<split>[^-]+)\.report-(?P<i>\d{5})-of-(?P<n>\d{5})\.json$")
+# The first this-many messages per shard are kept in its report (all are counted).
+MAX_MESSAGES = 200
+
+
+def shard_path(out_dir: str, name: str, split: str, index: int, num_shards: int) -> str:
+  return os.path.join(out_dir, f"{name}-{split}.tfrecord-{index:05d}-of-{num_shards:05d}")
+
+
+def report_path(out_dir: str, name: str, split: str, index: int, num_shards: int) -> str:
+  return os.path.join(out_dir, f"{name}-{split}.report-{index:05d}-of-{num_shards:05d}.json")
+
+
+@dataclasses.dataclass
+class BuildReport:
+  """What a build kept and what it skipped, with one message per problem."""
+
+  records: int = 0
+  pairs: int = 0
+  num_bytes: int = 0
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  messages: list = dataclasses.field(default_factory=list)
+  seconds: float = 0.0
+
+  def skip(self, reason: str, message: str) -> None:
+    """Counts one skipped item under `reason` and logs `message` (one line, names the source)."""
+    self.skipped[reason] += 1
+    logging.warning("skipped: %s", message)
+    if len(self.messages) < MAX_MESSAGES:
+      self.messages.append(message)
+
+  def note(self, reason: str, message: str) -> None:
+    """Counts a repaired (not skipped) problem, e.g. boxes beyond the maximum cut off."""
+    self.skip(reason, message)
+
+  @property
+  def total_skipped(self) -> int:
+    return sum(self.skipped.values())
+
+  def to_json(self) -> dict:
+    return {"records": self.records, "pairs": self.pairs, "num_bytes": self.num_bytes,
+            "skipped": dict(self.skipped), "messages": self.messages,
+            "seconds": round(self.seconds, 2)}
+
+  def summary(self) -> str:
+    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
+    return (f"{self.records} records ({self.pairs} caption pairs) kept; "
+            f"{self.total_skipped} problems ({skipped})")
+
+
+class ShardWriter:
+  """Writes one shard of one split; use as a context manager. Streams: nothing is held."""
+
+  def __init__(self, out_dir: str, name: str, split: str, opts: records.RecordOptions, *,
+               shard_index: int = 0, num_shards: int = 1, log_every: int = 1000):
+    import tensorflow as tf  # local: the TF side of the data code
+
+    if not 0 <= shard_index < num_shards:
+      raise ValueError(f"shard_index={shard_index} is not in [0, num_shards={num_shards})")
+    os.makedirs(out_dir, exist_ok=True)
+    self.out_dir, self.name, self.split = out_dir, name, split
+    self.index, self.num_shards = shard_index, num_shards
+    self.opts = opts
+    self.features = records.features_dict(opts)
+    self.report = BuildReport()
+    self._path = shard_path(out_dir, name, split, shard_index, num_shards)
+    self._tmp = self._path + ".incomplete"
+    self._writer = tf.io.TFRecordWriter(self._tmp)
+    self._start = time.time()
+    self._log_every = log_every
+
+  def write(self, example: dict) -> None:
+    data = self.features.serialize_example(example)
+    self._writer.write(data)
+    self.report.records += 1
+    self.report.pairs += len(example["caption_lengths"])
+    self.report.num_bytes += len(data)
+    if self._log_every and self.report.records % self._log_every == 0:
+      elapsed = time.time() - self._start
+      logging.info("%s %s shard %d/%d: %d records, %.0f records/s", self.name, self.split,
+                   self.index, self.num_shards, self.report.records,
+                   self.report.records / max(elapsed, 1e-9))
+
+  def close(self) -> BuildReport:
+    self._writer.close()
+    os.replace(self._tmp, self._path)  # the shard appears whole or not at all
+    self.report.seconds = time.time() - self._start
+    with open(report_path(self.out_dir, self.name, self.split, self.index, self.num_shards),
+              "w") as f:
+      json.dump({"split": self.split, "shard_index": self.index, "num_shards": self.num_shards,
+                 **self.report.to_json()}, f, indent=1)
+    logging.info("%s %s shard %d/%d done in %.1fs: %s", self.name, self.split, self.index,
+                 self.num_shards, self.report.seconds, self.report.summary())
+    return self.report
+
+  def __enter__(self) -> "ShardWriter":
+    return self
+
+  def __exit__(self, exc_type, *_) -> None:
+    if exc_type is None:
+      self.close()
+    else:
+      self._writer.close()
+
+
+def finalize(out_dir: str, name: str, opts: records.RecordOptions, *,
+             extra_info: dict[str, Any] | None = None) -> dict:
+  """Checks every shard is present and writes the TFDS metadata and the dataset summary."""
+  import tensorflow_datasets as tfds
+
+  reports: dict[str, dict[int, dict]] = collections.defaultdict(dict)
+  expected: dict[str, int] = {}
+  for path in sorted(glob.glob(os.path.join(out_dir, f"{name}-*.report-*-of-*.json"))):
+    m = _REPORT.match(os.path.basename(path))
+    if not m or m["name"] != name:
+      continue
+    split, i, n = m["split"], int(m["i"]), int(m["n"])
+    if expected.setdefault(split, n) != n:
+      raise ValueError(f"{path}: split {split} has shards of both {expected[split]} and {n}")
+    with open(path) as f:
+      reports[split][i] = json.load(f)
+  if not reports:
+    raise ValueError(f"{out_dir}: no shard reports for dataset {name!r}; nothing was built")
+  split_infos, summary = [], {}
+  for split, by_index in sorted(reports.items()):
+    missing = sorted(set(range(expected[split])) - set(by_index))
+    if missing:
+      raise ValueError(f"{out_dir}: split {split} lacks shards {missing} of {expected[split]}; "
+                       "build them before finalising")
+    shard_lengths = [by_index[i]["records"] for i in range(expected[split])]
+    split_infos.append(tfds.core.SplitInfo(
+        name=split, shard_lengths=shard_lengths,
+        num_bytes=sum(by_index[i]["num_bytes"] for i in by_index),
+        filename_template=tfds.core.ShardedFileTemplate(
+            data_dir=out_dir, template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+            dataset_name=name, split=split, filetype_suffix="tfrecord")))
+    skipped = collections.Counter()
+    for r in by_index.values():
+      skipped.update(r["skipped"])
+    summary[split] = {"records": sum(shard_lengths),
+                      "pairs": sum(r["pairs"] for r in by_index.values()),
+                      "skipped": dict(skipped)}
+  tfds.folder_dataset.write_metadata(
+      data_dir=out_dir, features=records.features_dict(opts), split_infos=split_infos,
+      filename_template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}", check_data=False,
+      description="ImageBERT region-feature dataset: one record per image with its captions.")
+  info = {"name": name, "options": opts.to_json(), "splits": summary, **(extra_info or {})}
+  with open(os.path.join(out_dir, records.INFO_FILE), "w") as f:
+    json.dump(info, f, indent=1)
+  for split, s in summary.items():
+    logging.info("dataset %s split %s: %d records, %d pairs, skipped %s", name, split,
+                 s["records"], s["pairs"], s["skipped"] or "none")
+  return info

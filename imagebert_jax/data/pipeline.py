@@ -1,0 +1,221 @@
+"""tf.data pipelines: dataset records in, fixed-shape numpy batches out (this process's share).
+
+Training: this process's share of the split (`tfds.split_for_jax_process`), records shuffled
+(seeded), repeated, flattened to (image, caption) pairs, pairs shuffled again in a smaller buffer,
+padded to fixed shapes, batched `global_batch / process_count` per process, prefetched. Everything
+is deterministic for a given seed.
+
+Batch fields (numpy, leading dimension = this process's batch):
+  text_ids     int32 [b, T]         [CLS] words [SEP], padded with the pad id
+  region_feat  float16 [b, R, D]
+  region_loc   float32 [b, R, 5]    (x1/W, y1/H, x2/W, y2/H, box area / image area)
+  num_regions  int32 [b]
+  region_class int32 [b, R]         detector's top class; -1 where unknown or padding
+  region_probs float16 [b, R, C]    only if asked for and stored
+  image_key    int32 [b]            a hash of the image id (equal for captions of one image)
+  image_index  int32 [b]            the record's index in this process's split (evaluation)
+  caption_index int32 [b]           the caption's index within its record (evaluation)
+  mask         bool [b]             False for padding rows (evaluation)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+
+from imagebert_jax.data import records
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  data_dir: str
+  split: str
+  batch_size: int              # global batch; each process gets batch_size / process_count
+  max_text_len: int
+  max_regions: int
+  pad_id: int = 0
+  sep_id: int = 102
+  seed: int = 0
+  shuffle_buffer: int = 1000   # records
+  pair_shuffle_buffer: int = 256
+  with_class_probs: bool = False
+  num_parallel_calls: int = -1  # -1: autotune
+  threadpool_size: int = 0      # 0: TF's default
+  prefetch: int = 2
+  ram_budget_gb: float = 0.0    # 0: TF's default autotune RAM budget
+
+
+def hide_gpus_from_tf() -> None:
+  """TensorFlow must not take accelerator memory: it only reads data here."""
+  import tensorflow as tf
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # already initialised: nothing visible to change any more
+    pass
+
+
+def open_dataset(data_dir: str):
+  """(tfds builder, dataset summary) for a built dataset folder; clear errors when it is not."""
+  import tensorflow_datasets as tfds
+  info = records.read_info(data_dir)
+  try:
+    builder = tfds.builder_from_directory(data_dir)
+  except Exception as e:  # noqa: BLE001 - name the folder in the one-line error
+    raise ValueError(f"{data_dir}: cannot open the dataset ({e})") from e
+  return builder, info
+
+
+def split_names(data_dir: str) -> list[str]:
+  return sorted(records.read_info(data_dir)["splits"])
+
+
+def _local_batch(batch_size: int) -> int:
+  import jax
+  n = jax.process_count()
+  if batch_size % n:
+    raise ValueError(f"batch size {batch_size} is not divisible by the {n} processes")
+  return batch_size // n
+
+
+def _options(cfg: PipelineConfig):
+  import tensorflow as tf
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  if cfg.threadpool_size:
+    options.threading.private_threadpool_size = cfg.threadpool_size
+  if cfg.ram_budget_gb:
+    options.autotune.ram_budget = int(cfg.ram_budget_gb * 2**30)
+  return options
+
+
+def _image_fields(ex, cfg: PipelineConfig, stored_probs: bool):
+  """Region inputs of one record, padded to max_regions."""
+  import tensorflow as tf
+  r = cfg.max_regions
+  feats = ex["features"][:r]
+  n = tf.shape(feats)[0]
+  pad = [[0, r - n], [0, 0]]
+  boxes = ex["boxes"][:r]
+  w = tf.cast(ex["image_w"], tf.float32)
+  h = tf.cast(ex["image_h"], tf.float32)
+  x1, y1, x2, y2 = tf.unstack(boxes, axis=-1)
+  loc = tf.stack([x1 / w, y1 / h, x2 / w, y2 / h, (x2 - x1) * (y2 - y1) / (w * h)], axis=-1)
+  loc = tf.clip_by_value(loc, 0.0, 1.0)
+  out = {
+      "region_feat": tf.ensure_shape(tf.pad(feats, pad), [r, None]),
+      "region_loc": tf.ensure_shape(tf.pad(loc, pad), [r, 5]),
+      "num_regions": tf.cast(n, tf.int32),
+      "region_class": tf.ensure_shape(
+          tf.pad(ex["object_id"][:r], [[0, r - n]], constant_values=-1), [r]),
+      "image_key": tf.cast(tf.strings.to_hash_bucket_fast(ex["image_id"], 2**31 - 1), tf.int32),
+  }
+  if cfg.with_class_probs:
+    if not stored_probs:
+      raise ValueError(f"{cfg.data_dir}: the dataset stores no class distributions, which "
+                       "config.objective.moc_loss='kl' needs")
+    out["region_probs"] = tf.ensure_shape(tf.pad(ex["class_probs"][:r], pad), [r, None])
+  return out
+
+
+def _caption_ids(ex, cfg: PipelineConfig):
+  """[K, T] token ids: each caption truncated to T (keeping its final [SEP]) and padded."""
+  import tensorflow as tf
+  t = cfg.max_text_len
+  lengths = ex["caption_lengths"]
+  ragged = tf.RaggedTensor.from_row_lengths(ex["caption_tokens"], tf.cast(lengths, tf.int64))
+  dense = ragged.to_tensor(default_value=cfg.pad_id)[:, :t]
+  dense = tf.pad(dense, [[0, 0], [0, t - tf.shape(dense)[1]]], constant_values=cfg.pad_id)
+  last = tf.range(t)[None, :] == t - 1
+  ids = tf.where((lengths[:, None] > t) & last, tf.constant(cfg.sep_id, tf.int32), dense)
+  return tf.ensure_shape(ids, [None, t])
+
+
+def _pairs(ds, cfg: PipelineConfig, stored_probs: bool):
+  """Record dataset -> dataset of (image, caption) pair dicts."""
+  import tensorflow as tf
+
+  def expand(index, ex):
+    image = _image_fields(ex, cfg, stored_probs)
+    image["image_index"] = tf.cast(index, tf.int32)
+    text = _caption_ids(ex, cfg)
+    k = tf.shape(text)[0]
+    captions = tf.data.Dataset.from_tensor_slices(
+        {"text_ids": text, "caption_index": tf.range(k, dtype=tf.int32)})
+    return tf.data.Dataset.zip(tf.data.Dataset.from_tensors(image).repeat(), captions).map(
+        lambda img, cap: {**img, **cap})
+
+  return ds.enumerate().flat_map(expand)
+
+
+def _read(cfg: PipelineConfig, *, shuffle_files: bool, per_process: bool = True):
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  builder, info = open_dataset(cfg.data_dir)
+  if cfg.split not in info["splits"]:
+    raise ValueError(f"{cfg.data_dir}: no split {cfg.split!r}; it has {sorted(info['splits'])}")
+  split = tfds.split_for_jax_process(cfg.split) if per_process else cfg.split
+  read_config = tfds.ReadConfig(shuffle_seed=cfg.seed, interleave_cycle_length=4, try_autocache=False,
+                                options=_options(cfg), add_tfds_id=False)
+  decoders = {"captions": tfds.decode.SkipDecoding()}
+  ds = builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config,
+                          decoders=decoders)
+  stored_probs = "class_probs" in builder.info.features
+  return ds.with_options(_options(cfg)), info, stored_probs, tf
+
+
+def train_dataset(cfg: PipelineConfig):
+  """An infinite tf.data.Dataset of this process's training batches."""
+  ds, _, stored_probs, tf = _read(cfg, shuffle_files=True)
+  ds = ds.repeat()
+  if cfg.shuffle_buffer > 1:
+    ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed)
+  ds = _pairs(ds, cfg, stored_probs)
+  if cfg.pair_shuffle_buffer > 1:
+    ds = ds.shuffle(cfg.pair_shuffle_buffer, seed=cfg.seed + 1)
+  ds = ds.map(lambda x: {k: v for k, v in x.items() if k not in ("image_index", "caption_index")})
+  ds = ds.batch(_local_batch(cfg.batch_size), drop_remainder=True,
+                num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.prefetch(cfg.prefetch)
+
+
+def count_local_pairs(cfg: PipelineConfig) -> int:
+  """Caption pairs in this process's share of the split (reads only the caption lengths)."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  builder, _ = open_dataset(cfg.data_dir)
+  decoders = {k: tfds.decode.SkipDecoding() for k in builder.info.features
+              if k not in ("caption_lengths",)}
+  ds = builder.as_dataset(split=tfds.split_for_jax_process(cfg.split), shuffle_files=False,
+                          decoders=decoders)
+  ds = ds.map(lambda ex: tf.size(ex["caption_lengths"], out_type=tf.int64))
+  return int(sum(tfds.as_numpy(ds)))
+
+
+def eval_dataset(cfg: PipelineConfig, *, max_batches: int | None = None):
+  """This process's pairs once, in order, in full batches padded with mask=False rows.
+
+  Every process yields the same number of batches (the most any process needs), so sharded
+  evaluation never waits on a host that ran out.
+  """
+  import jax
+  ds, _, stored_probs, _ = _read(cfg, shuffle_files=False)
+  local = _local_batch(cfg.batch_size)
+  local_pairs = count_local_pairs(cfg)
+  needed = -(-local_pairs // local)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    needed = int(np.max(multihost_utils.process_allgather(np.asarray(needed))))
+  num_batches = needed if max_batches is None else min(needed, max_batches)
+  real = min(local_pairs, num_batches * local)
+  ds = _pairs(ds, cfg, stored_probs).map(lambda x: {**x, "mask": True})
+  padding = ds.take(1).map(lambda x: {**x, "mask": False}).repeat(num_batches * local - real)
+  ds = ds.take(real).concatenate(padding)
+  return ds.batch(local, drop_remainder=True).prefetch(cfg.prefetch)
+
+
+def as_numpy(ds) -> Iterator[dict[str, np.ndarray]]:
+  import tensorflow_datasets as tfds
+  return iter(tfds.as_numpy(ds))

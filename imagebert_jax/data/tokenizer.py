@@ -1,0 +1,90 @@
+"""WordPiece tokenization compatible with bert-base-uncased, through the `tokenizers` library.
+
+The vocabulary file is the plain BERT `vocab.txt` (one token per line, the line number is its id).
+Special ids are read from it, so nothing downstream hard-codes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+from typing import Sequence
+
+import numpy as np
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_RESERVED = re.compile(r"^\[[^\]]+\]$")  # [PAD], [unused0], ...: never drawn as a random token
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+  pad_id: int
+  unk_id: int
+  cls_id: int
+  sep_id: int
+  mask_id: int
+  vocab_size: int
+  # Random replacement tokens for masked language modelling are drawn from [low, high).
+  random_token_range: tuple[int, int]
+
+
+def read_vocab(path: str) -> list[str]:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config.text.vocab_file: no such file: {path}")
+  with open(path, encoding="utf-8") as f:
+    tokens = [line.rstrip("\n") for line in f]
+  if tokens and tokens[-1] == "":
+    tokens.pop()
+  return tokens
+
+
+@functools.lru_cache(maxsize=8)
+def special_ids(vocab_file: str) -> SpecialIds:
+  """Special token ids and the random-token range of a BERT vocabulary file."""
+  tokens = read_vocab(vocab_file)
+  index = {t: i for i, t in enumerate(tokens)}
+  missing = [t for t in SPECIAL_TOKENS if t not in index]
+  if missing:
+    raise ValueError(f"{vocab_file}: vocabulary lacks the special tokens {missing}")
+  first_regular = next((i for i, t in enumerate(tokens) if not _RESERVED.match(t)), None)
+  if first_regular is None:
+    raise ValueError(f"{vocab_file}: vocabulary has no regular tokens")
+  return SpecialIds(pad_id=index["[PAD]"], unk_id=index["[UNK]"], cls_id=index["[CLS]"],
+                    sep_id=index["[SEP]"], mask_id=index["[MASK]"], vocab_size=len(tokens),
+                    random_token_range=(first_regular, len(tokens)))
+
+
+class Tokenizer:
+  """Lower-cased WordPiece with [CLS] ... [SEP], truncated to `max_len` ids in all."""
+
+  def __init__(self, vocab_file: str, max_len: int, lowercase: bool = True):
+    from tokenizers import BertWordPieceTokenizer  # local: not needed by the model side
+
+    self.vocab_file = vocab_file
+    self.ids = special_ids(vocab_file)
+    self.max_len = max_len
+    self._tok = BertWordPieceTokenizer(vocab_file, lowercase=lowercase)
+    self._tok.enable_truncation(max_length=max_len)
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._tok.encode(text).ids, np.int32)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(list(texts))]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode(list(int(i) for i in ids))
+
+
+def write_vocab(path: str, words: Sequence[str]) -> None:
+  """A BERT-layout vocabulary: the special tokens first, then `words` (for the synthetic demo)."""
+  seen = set(SPECIAL_TOKENS)
+  with open(path, "w", encoding="utf-8") as f:
+    for t in SPECIAL_TOKENS:
+      f.write(t + "\n")
+    for w in words:
+      if w not in seen:
+        seen.add(w)
+        f.write(w + "\n")

@@ -1,0 +1,92 @@
+"""The model's static description, built from the run config's `model` field."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Sizes and numerics of ImageBERT. Frozen, so it can be a static argument of jit."""
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  max_text_len: int = 44  # [CLS] + words + [SEP]
+  max_regions: int = 100
+  region_feature_dim: int = 2048
+  num_object_classes: int = 1600
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  layer_norm_eps: float = 1e-12
+  initializer_range: float = 0.02
+  # 'float32' or 'bfloat16': the dtype of activations and matrix products. Parameters stay in
+  # `param_dtype` (the master weights) and are cast at use.
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  # 'auto' (cuDNN fused attention on GPU where it applies, XLA elsewhere), 'xla' or 'cudnn'.
+  attention_impl: str = "auto"
+  # Recompute activations in the backward pass: 'none', 'full' (each layer) or 'dots'
+  # (keep matrix-product outputs, recompute the element-wise work).
+  remat: str = "none"
+
+  @property
+  def seq_len(self) -> int:
+    return self.max_text_len + self.max_regions
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def compute_dtype(self) -> Any:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self) -> Any:
+    return jnp.dtype(self.param_dtype)
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> "ModelConfig":
+    """From a ConfigDict or mapping; unknown keys are an error that names them."""
+    values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"config.model: unknown keys {unknown}; known keys are {sorted(known)}")
+    return cls(**values)
+
+  def validate(self) -> None:
+    """Raises ValueError naming the config.model key that does not fit."""
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"config.model.num_heads={self.num_heads} does not divide "
+          f"config.model.hidden_size={self.hidden_size}")
+    if self.max_text_len < 3:
+      raise ValueError(f"config.model.max_text_len={self.max_text_len}: need room for "
+                       "[CLS], one word and [SEP]")
+    if self.max_text_len > self.max_position_embeddings:
+      raise ValueError(
+          f"config.model.max_text_len={self.max_text_len} exceeds "
+          f"config.model.max_position_embeddings={self.max_position_embeddings}")
+    if self.max_regions < 1:
+      raise ValueError(f"config.model.max_regions={self.max_regions}: need at least one region")
+    for key in ("dtype", "param_dtype"):
+      if getattr(self, key) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"config.model.{key}={getattr(self, key)!r}: want float32, bfloat16 "
+                         "or float16")
+    if self.attention_impl not in ("auto", "xla", "cudnn"):
+      raise ValueError(f"config.model.attention_impl={self.attention_impl!r}: want auto, xla "
+                       "or cudnn")
+    if self.remat not in ("none", "full", "dots"):
+      raise ValueError(f"config.model.remat={self.remat!r}: want none, full or dots")
+    for key in ("dropout_rate", "attention_dropout_rate"):
+      if not 0.0 <= getattr(self, key) < 1.0:
+        raise ValueError(f"config.model.{key}={getattr(self, key)}: want a rate in [0, 1)")

@@ -1,0 +1,172 @@
+"""ImageBERT: a single-stream BERT over WordPiece tokens and image regions (Qi et al., 2020).
+
+Sequence: `[CLS] w1 .. wn [SEP] r1 .. rk`. Text positions get word + position + segment A
+embeddings; every region gets Dense(feature) + Dense(5-d location) + segment B + one shared
+learned "dummy" position, each side with its own LayerNorm. A post-LayerNorm BERT encoder runs over
+the concatenation; the pooler (Dense + tanh over [CLS]) feeds the image-text matching score.
+
+Pretraining heads: masked language modelling (decoder tied to the word embeddings), masked object
+classification and masked region feature regression (each a Dense-GELU-LayerNorm transform and a
+projection).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from imagebert_jax import parallel
+from imagebert_jax.model.config import ModelConfig
+from imagebert_jax.model.encoder import ACT, Encoder, resolve_attention_impl
+from imagebert_jax.model.layers import Dense, Embed, KeySplitter, LayerNorm, dropout
+
+TEXT_SEGMENT, REGION_SEGMENT = 0, 1
+
+
+class Transform(nnx.Module):
+  """Dense(H -> H), GELU, LayerNorm: the BERT prediction-head transform."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    # The output stays in the embedding space (LayerNorm over it, then the tied decoder), so
+    # only the input dimension is sharded: a tensor-sharded output here would put the hidden
+    # dimension on two different mesh axes at the decoder.
+    self.dense = Dense(cfg.hidden_size, cfg.hidden_size, axes=("embed", None), rngs=rngs,
+                       dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                       stddev=cfg.initializer_range)
+    self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
+                          param_dtype=cfg.weight_dtype)
+
+  def __call__(self, x):
+    return self.norm(jax.nn.gelu(self.dense(x), approximate=False))
+
+
+def pack_order(text_len: jax.Array, num_regions: jax.Array, text_width: int,
+               region_width: int) -> tuple[jax.Array, jax.Array]:
+  """Gather indices that move padding to the end of each [text | regions] sequence.
+
+  Returns (pack_idx [B, T+R]: packed position -> position in the padded concatenation,
+           region_at [B, R]: region r -> its packed position).
+  """
+  length = text_width + region_width
+  j = jnp.arange(length)[None, :]
+  t = text_len[:, None]
+  n = num_regions[:, None]
+  pack_idx = jnp.where(j < t, j, jnp.where(j < t + n, text_width + j - t, length - 1))
+  region_at = jnp.minimum(t + jnp.arange(region_width)[None, :], length - 1)
+  return pack_idx.astype(jnp.int32), region_at.astype(jnp.int32)
+
+
+class ImageBert(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    cfg.validate()
+    self.cfg = cfg
+    dt, pdt, std = cfg.compute_dtype, cfg.weight_dtype, cfg.initializer_range
+    h = cfg.hidden_size
+    # Embeddings.
+    self.word = Embed(cfg.vocab_size, h, axes=("vocab", "embed"), rngs=rngs, dtype=dt,
+                      param_dtype=pdt, stddev=std)
+    self.position = Embed(cfg.max_position_embeddings, h, axes=(None, "embed"), rngs=rngs,
+                          dtype=dt, param_dtype=pdt, stddev=std)
+    self.segment = Embed(cfg.type_vocab_size, h, axes=(None, "embed"), rngs=rngs, dtype=dt,
+                         param_dtype=pdt, stddev=std)
+    self.text_norm = LayerNorm(h, eps=cfg.layer_norm_eps, dtype=dt, param_dtype=pdt)
+    self.region_feature = Dense(cfg.region_feature_dim, h, axes=("feature", "embed"), rngs=rngs,
+                                dtype=dt, param_dtype=pdt, stddev=std)
+    self.region_location = Dense(5, h, axes=(None, "embed"), rngs=rngs, dtype=dt,
+                                 param_dtype=pdt, stddev=std)
+    self.region_position = nnx.Param(
+        jax.random.normal(rngs.params(), (h,), pdt) * std, logical_axes=("embed",))
+    self.region_norm = LayerNorm(h, eps=cfg.layer_norm_eps, dtype=dt, param_dtype=pdt)
+    # Encoder and pooler.
+    self.encoder = Encoder(cfg, rngs=rngs)
+    self.pooler = Dense(h, h, axes=("embed", None), rngs=rngs, dtype=dt, param_dtype=pdt,
+                        stddev=std)
+    # Heads.
+    self.itm = Dense(h, 1, axes=("embed", None), rngs=rngs, dtype=dt, param_dtype=pdt,
+                     stddev=std)
+    self.mlm_transform = Transform(cfg, rngs=rngs)
+    self.mlm_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), pdt), logical_axes=("vocab",))
+    self.moc_transform = Transform(cfg, rngs=rngs)
+    self.moc = Dense(h, cfg.num_object_classes, axes=("embed", "classes"), rngs=rngs, dtype=dt,
+                     param_dtype=pdt, stddev=std)
+    self.mrfr_transform = Transform(cfg, rngs=rngs)
+    self.mrfr = Dense(h, cfg.region_feature_dim, axes=("embed", "feature"), rngs=rngs,
+                      dtype=dt, param_dtype=pdt, stddev=std)
+
+  # ---------------------------------------------------------------------------------------------
+  def embed_text(self, text_ids: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+    cfg = self.cfg
+    positions = jnp.arange(text_ids.shape[1])
+    x = (self.word(text_ids) + self.position(positions)[None]
+         + self.segment(jnp.asarray(TEXT_SEGMENT))[None, None])
+    return dropout(self.text_norm(x), cfg.dropout_rate, dropout_key)
+
+  def embed_regions(self, region_feat: jax.Array, region_loc: jax.Array,
+                    dropout_key: jax.Array | None) -> jax.Array:
+    cfg = self.cfg
+    x = (self.region_feature(region_feat) + self.region_location(region_loc)
+         + self.segment(jnp.asarray(REGION_SEGMENT))[None, None]
+         + self.region_position[...].astype(cfg.compute_dtype)[None, None])
+    return dropout(self.region_norm(x), cfg.dropout_rate, dropout_key)
+
+  def encode(self, text_ids: jax.Array, text_mask: jax.Array, region_feat: jax.Array,
+             region_loc: jax.Array, region_mask: jax.Array, *,
+             dropout_key: jax.Array | None = None,
+             pack: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    """Runs the encoder. Returns (text hidden [B, T, H], region hidden [B, R, H]).
+
+    text_ids [B, T] int; text_mask [B, T] bool (a valid prefix); region_feat [B, R, D];
+    region_loc [B, R, 5]; region_mask [B, R] bool (a valid prefix). Hidden states at padded
+    positions are unspecified. `dropout_key=None` evaluates deterministically. With `pack`
+    (always when cuDNN attention is used) padding is moved to the end of the sequence before the
+    encoder and back after it; the result is the same function.
+    """
+    cfg = self.cfg
+    impl = resolve_attention_impl(cfg)
+    pack = impl == "cudnn" if pack is None else (pack or impl == "cudnn")
+    keys = KeySplitter(dropout_key)
+    t = self.embed_text(text_ids, keys())
+    r = self.embed_regions(region_feat, region_loc, keys())
+    x = parallel.constrain(jnp.concatenate([t, r], axis=1), ACT)
+    width_t, width_r = text_ids.shape[1], region_feat.shape[1]
+    if pack:
+      text_len = text_mask.sum(-1).astype(jnp.int32)
+      num_regions = region_mask.sum(-1).astype(jnp.int32)
+      pack_idx, region_at = pack_order(text_len, num_regions, width_t, width_r)
+      x = jnp.take_along_axis(x, pack_idx[..., None], axis=1)
+      kv_lengths = text_len + num_regions
+      mask = jnp.arange(width_t + width_r)[None, :] < kv_lengths[:, None]
+      x = self.encoder(x, mask, kv_lengths, impl, keys)
+      text_h = x[:, :width_t]
+      region_h = jnp.take_along_axis(x, region_at[..., None], axis=1)
+    else:
+      mask = jnp.concatenate([text_mask, region_mask], axis=1)
+      x = self.encoder(x, mask, None, impl, keys)
+      text_h, region_h = x[:, :width_t], x[:, width_t:]
+    return text_h, region_h
+
+  def pooled(self, text_h: jax.Array) -> jax.Array:
+    return jnp.tanh(self.pooler(text_h[:, 0]))
+
+  def itm_logit(self, text_h: jax.Array) -> jax.Array:
+    """The image-text matching score (a logit) from [CLS]: [B]."""
+    return self.itm(self.pooled(text_h))[..., 0].astype(jnp.float32)
+
+  def mlm_logits(self, h: jax.Array) -> jax.Array:
+    logits = self.word.attend(self.mlm_transform(h))
+    return logits.astype(jnp.float32) + self.mlm_bias[...].astype(jnp.float32)
+
+  def moc_logits(self, h: jax.Array) -> jax.Array:
+    return self.moc(self.moc_transform(h)).astype(jnp.float32)
+
+  def mrfr_prediction(self, h: jax.Array) -> jax.Array:
+    return self.mrfr(self.mrfr_transform(h)).astype(jnp.float32)
+
+  def __call__(self, text_ids, text_mask, region_feat, region_loc, region_mask, *,
+               dropout_key=None):
+    """The matching logit of each (text, regions) pair: the retrieval cross-encoder."""
+    text_h, _ = self.encode(text_ids, text_mask, region_feat, region_loc, region_mask,
+                            dropout_key=dropout_key)
+    return self.itm_logit(text_h)

@@ -1,0 +1,119 @@
+"""On-device masking for the pretraining objectives and image-text matching negatives.
+
+All randomness comes from a key made of (seed, step) inside the jitted step, so a resumed run draws
+exactly the same masks. Shapes are static: each example predicts at most `max_predictions`
+positions, gathered into [B, P] arrays with a 0/1 weight, so the vocabulary decoder and the region
+heads run on masked positions only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+def max_predictions(length: int, rate: float) -> int:
+  """Static number of prediction slots for `length` positions masked at `rate`.
+
+  The count drawn per example is floor(rate * n + u) with u ~ U[0, 1), at most ceil(rate * n),
+  so ceil(rate * length) slots always suffice (and at least one, for the one-per-pair minimum).
+  """
+  return max(1, min(length, math.ceil(rate * length)))
+
+
+def select_positions(key: jax.Array, valid: jax.Array, rate: float,
+                     num_slots: int) -> tuple[jax.Array, jax.Array]:
+  """Chooses a random subset of the valid positions of each row.
+
+  The count is floor(rate * n_valid + u), u ~ U[0, 1) (so its mean is exactly rate * n_valid),
+  at least one when the row has any valid position, at most `num_slots`. Returns
+  (positions [B, P] int32, weights [B, P] float32); slots beyond the count have weight 0 and point
+  at some position whose content must be ignored.
+  """
+  count_key, order_key = jax.random.split(key)
+  n_valid = valid.sum(-1)
+  u = jax.random.uniform(count_key, n_valid.shape)
+  count = jnp.floor(rate * n_valid + u).astype(jnp.int32)
+  count = jnp.clip(count, jnp.minimum(1, n_valid), jnp.minimum(num_slots, n_valid))
+  scores = jnp.where(valid, jax.random.uniform(order_key, valid.shape), -1.0)
+  _, positions = jax.lax.top_k(scores, num_slots)
+  weights = (jnp.arange(num_slots)[None, :] < count[:, None]).astype(jnp.float32)
+  return positions.astype(jnp.int32), weights
+
+
+class TextMasking(NamedTuple):
+  input_ids: jax.Array  # [B, T] with [MASK] / random / kept tokens at the chosen positions
+  positions: jax.Array  # [B, P]
+  labels: jax.Array     # [B, P] the original tokens
+  weights: jax.Array    # [B, P] 1.0 where a prediction counts
+
+
+def mask_text(key: jax.Array, text_ids: jax.Array, maskable: jax.Array, *, rate: float,
+              num_slots: int, mask_id: int, random_token_range: tuple[int, int],
+              mask_prob: float = 0.8, random_prob: float = 0.1) -> TextMasking:
+  """BERT masking: of the chosen tokens, `mask_prob` become [MASK], `random_prob` a random token
+  drawn uniformly from `random_token_range` (low inclusive, high exclusive), the rest unchanged."""
+  select_key, action_key, token_key = jax.random.split(key, 3)
+  positions, weights = select_positions(select_key, maskable, rate, num_slots)
+  labels = jnp.take_along_axis(text_ids, positions, axis=1)
+  action = jax.random.uniform(action_key, positions.shape)
+  random_tokens = jax.random.randint(token_key, positions.shape, *random_token_range,
+                                     dtype=text_ids.dtype)
+  new = jnp.where(action < mask_prob, jnp.asarray(mask_id, text_ids.dtype),
+                  jnp.where(action < mask_prob + random_prob, random_tokens, labels))
+  new = jnp.where(weights > 0, new, labels)
+  rows = jnp.arange(text_ids.shape[0])[:, None]
+  input_ids = text_ids.at[rows, positions].set(new)
+  return TextMasking(input_ids, positions, labels, weights)
+
+
+class RegionMasking(NamedTuple):
+  features: jax.Array   # [B, R, D] with the masked regions' features zeroed (or kept)
+  positions: jax.Array  # [B, P]
+  weights: jax.Array    # [B, P]
+
+
+def mask_regions(key: jax.Array, region_feat: jax.Array, region_mask: jax.Array, *, rate: float,
+                 num_slots: int, zero_prob: float = 0.9) -> RegionMasking:
+  """Chooses regions to mask; a chosen region's feature is zeroed with `zero_prob`, else kept.
+
+  The 5-d location is left as it is. Targets (label, feature, distribution) are read by the
+  caller at `positions` from the unmasked inputs.
+  """
+  select_key, action_key = jax.random.split(key)
+  positions, weights = select_positions(select_key, region_mask, rate, num_slots)
+  zero = (jax.random.uniform(action_key, positions.shape) < zero_prob) & (weights > 0)
+  rows = jnp.arange(region_feat.shape[0])[:, None]
+  keep = jnp.ones(region_mask.shape, region_feat.dtype).at[rows, positions].min(
+      jnp.where(zero, 0, 1).astype(region_feat.dtype))
+  return RegionMasking(region_feat * keep[..., None], positions, weights)
+
+
+class PairSwap(NamedTuple):
+  text_src: jax.Array    # [B] which example's caption each pair uses
+  region_src: jax.Array  # [B] which example's regions each pair uses
+  labels: jax.Array      # [B] float32: 1.0 when caption and regions belong to the same image
+
+
+def itm_pairs(key: jax.Array, image_key: jax.Array, neg_prob: float) -> PairSwap:
+  """Image-text matching pairs from a batch of matched pairs.
+
+  With probability `neg_prob` an example becomes a negative: half of the time its caption is
+  replaced by another example's, otherwise its image. The partner is a uniformly chosen other
+  example of the batch. The label compares image identities, so a "negative" that happens to draw
+  a caption of the same image is labelled as the match it is.
+  """
+  neg_key, side_key, partner_key = jax.random.split(key, 3)
+  b = image_key.shape[0]
+  idx = jnp.arange(b)
+  neg = jax.random.uniform(neg_key, (b,)) < neg_prob
+  swap_text = jax.random.uniform(side_key, (b,)) < 0.5
+  shift = jax.random.randint(partner_key, (b,), 1, max(b, 2))
+  partner = (idx + shift) % b
+  text_src = jnp.where(neg & swap_text, partner, idx)
+  region_src = jnp.where(neg & ~swap_text, partner, idx)
+  labels = (image_key[text_src] == image_key[region_src]).astype(jnp.float32)
+  return PairSwap(text_src, region_src, labels)

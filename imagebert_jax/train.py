@@ -1,0 +1,263 @@
+"""The training loop and the stages of a run.
+
+`train_and_evaluate(config, workdir)` runs the stages named in `config.run`, in order. Each stage
+reads top to bottom: set-up, data, mesh, model and optimizer, checkpoint, steps, loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from imagebert_jax import checkpoint as ckpt_lib
+from imagebert_jax import metrics as metrics_lib
+from imagebert_jax import optim, parallel
+from imagebert_jax import state as state_lib
+from imagebert_jax.model import ModelConfig
+from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss
+
+DONE_FILE = "DONE.json"
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers shared by the stages.
+# ------------------------------------------------------------------------------------------------
+def stage_names(config: ml_collections.ConfigDict) -> list[str]:
+  names = [s.strip() for s in str(config.run).split(",") if s.strip()]
+  for name in names:
+    if name not in config.stages:
+      raise ValueError(f"config.run names stage {name!r}, but config.stages has "
+                       f"{sorted(config.stages.keys())}")
+  return names
+
+
+def prepare_data(config: ml_collections.ConfigDict, data: ml_collections.ConfigDict,
+                 workdir: str) -> tuple[str, str]:
+  """(dataset folder, vocabulary file); builds the synthetic dataset first when asked to."""
+  from imagebert_jax.data import records, synthetic
+  data_dir = data.dir
+  if data.synthetic.enabled:
+    data_dir = data_dir or os.path.join(workdir, "synthetic_data")
+    spec = synthetic.SyntheticSpec(
+        seed=config.seed, feature_dim=data.synthetic.feature_dim or config.model.region_feature_dim,
+        min_regions=data.synthetic.min_regions, max_regions=data.synthetic.max_regions,
+        captions_per_image=data.synthetic.captions_per_image)
+    if jax.process_index() == 0:
+      synthetic.build(data_dir, {data.train_split: data.synthetic.train_images,
+                                 data.eval_split: data.synthetic.eval_images}, spec,
+                      max_text_len=config.model.max_text_len)
+    _barrier("synthetic_data")
+  if not data_dir:
+    raise ValueError("config.stages.<stage>.data.dir is empty: give the folder of a built "
+                     "dataset (or enable data.synthetic)")
+  info = records.read_info(data_dir)
+  vocab = config.text.vocab_file or os.path.join(data_dir, info.get("vocab_file", "vocab.txt"))
+  if not os.path.isfile(vocab):
+    raise FileNotFoundError(f"config.text.vocab_file: no such file: {vocab}")
+  return data_dir, vocab
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+  cfg = ModelConfig.from_config(config.model)
+  if cfg.vocab_size == 0:
+    cfg = dataclasses.replace(cfg, vocab_size=vocab_size)
+  elif cfg.vocab_size < vocab_size:
+    raise ValueError(f"config.model.vocab_size={cfg.vocab_size} is smaller than the "
+                     f"vocabulary file's {vocab_size} tokens")
+  if jax.default_backend() == "cpu" and cfg.dtype != "float32":
+    logging.info("On CPU: computing in float32 instead of %s", cfg.dtype)
+    cfg = dataclasses.replace(cfg, dtype="float32")
+  cfg.validate()
+  return cfg
+
+
+def pretrain_objective(obj_cfg: ml_collections.ConfigDict, ids) -> PretrainObjective:
+  values = obj_cfg.to_dict()
+  known = {f.name for f in dataclasses.fields(PretrainObjective)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"config.objective: unknown keys {unknown}")
+  obj = PretrainObjective(pad_id=ids.pad_id, cls_id=ids.cls_id, sep_id=ids.sep_id,
+                          mask_id=ids.mask_id, random_token_range=ids.random_token_range,
+                          **values)
+  obj.validate()
+  return obj
+
+
+def make_mesh(config: ml_collections.ConfigDict):
+  mesh = parallel.make_mesh(tuple(config.mesh.shape))
+  rules = parallel.rules_from_config(config.mesh.rules)
+  parallel.log_mesh(mesh)
+  return mesh, rules
+
+
+def stage_done(workdir: str, name: str) -> dict | None:
+  path = os.path.join(workdir, name, DONE_FILE)
+  if os.path.isfile(path):
+    with open(path) as f:
+      return json.load(f)
+  return None
+
+
+def mark_done(workdir: str, name: str, info: dict) -> None:
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, name, DONE_FILE)
+    with open(path + ".tmp", "w") as f:
+      json.dump(info, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pretraining.
+# ------------------------------------------------------------------------------------------------
+def pretrain(config: ml_collections.ConfigDict, name: str, workdir: str) -> dict:
+  """Runs (or resumes) one pretraining stage; returns its final metrics."""
+  stage = config.stages[name]
+  stage_dir = os.path.join(workdir, name)
+  os.makedirs(stage_dir, exist_ok=True)
+  tcfg = stage.train
+
+  # ---- Data -------------------------------------------------------------------------------
+  from imagebert_jax.data import pipeline
+  from imagebert_jax.data.tokenizer import special_ids
+  pipeline.hide_gpus_from_tf()
+  data_dir, vocab = prepare_data(config, stage.data, workdir)
+  ids = special_ids(vocab)
+  model_cfg = model_config(config, ids.vocab_size)
+  obj = pretrain_objective(stage.objective, ids)
+  pipe = pipeline.PipelineConfig(
+      data_dir=data_dir, split=stage.data.train_split, batch_size=tcfg.batch_size,
+      max_text_len=model_cfg.max_text_len, max_regions=model_cfg.max_regions,
+      pad_id=ids.pad_id, sep_id=ids.sep_id, seed=config.seed,
+      shuffle_buffer=stage.data.shuffle_buffer, pair_shuffle_buffer=stage.data.pair_shuffle_buffer,
+      with_class_probs=obj.moc_loss == "kl", threadpool_size=stage.data.threadpool_size,
+      ram_budget_gb=stage.data.ram_budget_gb, prefetch=stage.data.prefetch)
+
+  # ---- Mesh, model, optimizer ---------------------------------------------------------------
+  mesh, rules = make_mesh(config)
+  tx, schedule = optim.make_optimizer(stage.optim, tcfg.num_steps)
+  spec = state_lib.state_spec(model_cfg, tx, mesh, rules, seed=config.seed)
+
+  # ---- Checkpoint: resume or start ----------------------------------------------------------
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"),
+                                       save_every=tcfg.checkpoint_every,
+                                       keep=tcfg.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    logging.info("Resuming %s from step %d", name, latest)
+    state = checkpointer.restore(latest, spec.abstract)
+  else:
+    state = state_lib.create_state(spec, model_cfg, tx, seed=config.seed)
+  state_lib.log_param_count(state.params)
+  start_step = int(jax.device_get(state.step))
+
+  # ---- Steps ----------------------------------------------------------------------------------
+  train_loss = functools.partial(pretrain_loss, obj=obj, train=True)
+  eval_loss = functools.partial(pretrain_loss, obj=obj, train=False)
+  train_step = state_lib.make_train_step(
+      spec, train_loss, tx, seed=config.seed, grad_accum_steps=tcfg.grad_accum_steps,
+      schedule=schedule, skip_nonfinite=tcfg.skip_nonfinite)
+  eval_step = state_lib.make_eval_step(spec, eval_loss, seed=config.seed + 1)
+
+  def evaluate(params) -> dict[str, float]:
+    ecfg = dataclasses.replace(pipe, split=stage.data.eval_split, seed=config.seed)
+    history = []
+    for i, batch in enumerate(pipeline.as_numpy(
+        pipeline.eval_dataset(ecfg, max_batches=tcfg.eval_batches))):
+      if not batch.pop("mask").all():
+        continue  # the padded tail: losses here are means, so only whole batches count
+      history.append(eval_step(params, parallel.global_batch(batch, mesh, rules), i))
+    return {f"eval/{k}": v for k, v in metrics_lib.mean_metrics(history).items()}
+
+  # ---- Loop -----------------------------------------------------------------------------------
+  writer = metrics_lib.Writer(stage_dir, os.path.join(workdir, "metrics.jsonl"), name)
+  progress = metrics_lib.Progress(tcfg.num_steps, start_step, tcfg.batch_size, f"[{name}] ")
+  batches = pipeline.as_numpy(pipeline.train_dataset(dataclasses.replace(
+      pipe, seed=config.seed + start_step)))
+  history: list[dict] = []
+  first = last = None
+  step = start_step
+  while step < tcfg.num_steps:
+    batch = parallel.global_batch(next(batches), mesh, rules)
+    state, step_metrics = train_step(state, batch)
+    history.append(step_metrics)
+    step += 1
+    if step % tcfg.log_every == 0 or step == tcfg.num_steps:
+      scalars = metrics_lib.mean_metrics(history)
+      history = []
+      scalars.update(progress.report(step))
+      writer.scalars(step, scalars)
+      first = first or scalars
+      last = scalars
+      in_a_row = int(jax.device_get(state.skipped_in_a_row))
+      if in_a_row >= tcfg.max_nonfinite_in_a_row:
+        raise FloatingPointError(
+            f"[{name}] step {step}: {in_a_row} updates in a row had a non-finite loss or "
+            "gradient (config.stages.{name}.train.max_nonfinite_in_a_row); stopping")
+    if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.num_steps:
+      writer.scalars(step, evaluate(state.params))
+    if step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps:
+      checkpointer.save(step, state, force=True)
+  final_eval = evaluate(state.params)
+  writer.scalars(step, final_eval)
+  checkpointer.close()
+  writer.close()
+  summary = {"final_step": step, "train_first": first, "train_last": last, "eval": final_eval,
+             "chance": {"mlm_accuracy": 1.0 / (ids.random_token_range[1] - ids.random_token_range[0]),
+                        "moc_accuracy": 1.0 / model_cfg.num_object_classes}}
+  print_pretrain_summary(name, summary)
+  mark_done(workdir, name, summary)
+  return summary
+
+
+def print_pretrain_summary(name: str, s: dict) -> None:
+  if jax.process_index() != 0:
+    return
+  first, last, ev = s["train_first"] or {}, s["train_last"] or {}, s["eval"]
+  rows = [("mlm_loss", None), ("moc_loss", None), ("mrfr_loss", None), ("itm_loss", None),
+          ("mlm_accuracy", s["chance"]["mlm_accuracy"]),
+          ("moc_accuracy", s["chance"]["moc_accuracy"]), ("itm_accuracy", 0.5)]
+  lines = [f"[{name}] summary after {s['final_step']} steps",
+           f"  {'metric':<14}{'first log':>11}{'last log':>11}{'eval':>11}{'chance':>11}"]
+  for key, chance in rows:
+    fmt = lambda v: f"{v:>11.4f}" if isinstance(v, float) else f"{'-':>11}"
+    lines.append(f"  {key:<14}{fmt(first.get(key))}{fmt(last.get(key))}"
+                 f"{fmt(ev.get('eval/' + key))}{fmt(chance)}")
+  print("\n".join(lines), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run.
+# ------------------------------------------------------------------------------------------------
+STAGE_KINDS = {"pretrain": pretrain}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the stages of `config.run` in order; a finished stage is not run again."""
+  os.makedirs(workdir, exist_ok=True)
+  results = {}
+  for name in stage_names(config):
+    kind = config.stages[name].kind
+    if kind not in STAGE_KINDS:
+      raise ValueError(f"config.stages.{name}.kind={kind!r}: want one of {sorted(STAGE_KINDS)}")
+    done = stage_done(workdir, name)
+    if done is not None:
+      logging.info("Stage %s already finished; skipping it", name)
+      results[name] = done
+      continue
+    results[name] = STAGE_KINDS[kind](config, name, workdir)
+  return results
+

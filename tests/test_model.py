@@ -1,0 +1,136 @@
+"""The model against a NumPy BERT written from the specification, and its masking behaviour."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy.special import erf
+
+from helpers import PAD, TINY, random_batch
+from imagebert_jax.model import ImageBert
+from imagebert_jax.model.encoder import attention_core
+
+
+def np_layer_norm(x, scale, bias, eps):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * scale + bias
+
+
+def np_gelu(x):
+  return 0.5 * x * (1 + erf(x / np.sqrt(2)))
+
+
+def np_encode(p, cfg, text_ids, region_feat, region_loc, num_regions):
+  """ImageBERT's encoder in NumPy, one example at a time, from the parameter dict."""
+  eps = cfg.layer_norm_eps
+  outs = []
+  for b in range(text_ids.shape[0]):
+    ids = text_ids[b]
+    t = ids[ids != PAD]
+    n = num_regions[b]
+    x_t = (p["word"]["embedding"][t] + p["position"]["embedding"][: len(t)]
+           + p["segment"]["embedding"][0])
+    x_t = np_layer_norm(x_t, p["text_norm"]["scale"], p["text_norm"]["bias"], eps)
+    f, c = region_feat[b, :n], region_loc[b, :n]
+    x_r = (f @ p["region_feature"]["kernel"] + p["region_feature"]["bias"]
+           + c @ p["region_location"]["kernel"] + p["region_location"]["bias"]
+           + p["segment"]["embedding"][1] + p["region_position"])
+    x_r = np_layer_norm(x_r, p["region_norm"]["scale"], p["region_norm"]["bias"], eps)
+    x = np.concatenate([x_t, x_r])
+    for layer in p["encoder"]["layers"].values():
+      a = layer["attention"]
+      qkv = np.einsum("ld,dtnh->tlnh", x, a["qkv"]["kernel"]) + a["qkv"]["bias"][:, None]
+      q, k, v = qkv
+      s = np.einsum("qnh,knh->nqk", q, k) / np.sqrt(cfg.head_dim)
+      s = np.exp(s - s.max(-1, keepdims=True))
+      s = s / s.sum(-1, keepdims=True)
+      o = np.einsum("nqk,knh->qnh", s, v).reshape(len(x), -1)
+      o = o @ a["out"]["kernel"] + a["out"]["bias"]
+      x = np_layer_norm(x + o, layer["attention_norm"]["scale"], layer["attention_norm"]["bias"],
+                        eps)
+      h = np_gelu(x @ layer["mlp_in"]["kernel"] + layer["mlp_in"]["bias"])
+      h = h @ layer["mlp_out"]["kernel"] + layer["mlp_out"]["bias"]
+      x = np_layer_norm(x + h, layer["mlp_norm"]["scale"], layer["mlp_norm"]["bias"], eps)
+    outs.append((x[: len(t)], x[len(t):]))
+  return outs
+
+
+def _params(model):
+  tree = jax.tree.map(lambda a: np.asarray(a, np.float64),
+                      nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return tree
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_encode_matches_numpy_reference(pack):
+  model = ImageBert(TINY, rngs=nnx.Rngs(0))
+  batch = random_batch(np.random.default_rng(0), 5)
+  p = _params(model)
+  want = np_encode(p, TINY, batch["text_ids"], batch["region_feat"].astype(np.float64),
+                   batch["region_loc"].astype(np.float64), batch["num_regions"])
+  region_mask = np.arange(TINY.max_regions)[None] < batch["num_regions"][:, None]
+  text_h, region_h = model.encode(jnp.asarray(batch["text_ids"]),
+                                  jnp.asarray(batch["text_ids"] != PAD),
+                                  jnp.asarray(batch["region_feat"]),
+                                  jnp.asarray(batch["region_loc"]), jnp.asarray(region_mask),
+                                  pack=pack)
+  for b, (wt, wr) in enumerate(want):
+    np.testing.assert_allclose(np.asarray(text_h[b, : len(wt)]), wt, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(region_h[b, : len(wr)]), wr, atol=2e-5, rtol=1e-4)
+  # Pooler and matching head on top.
+  pooled = np.tanh(want[0][0][0] @ p["pooler"]["kernel"] + p["pooler"]["bias"])
+  itm = pooled @ p["itm"]["kernel"][:, 0] + p["itm"]["bias"][0]
+  np.testing.assert_allclose(np.asarray(model.itm_logit(text_h))[0], itm, atol=1e-5)
+
+
+def test_padding_content_does_not_matter():
+  model = ImageBert(TINY, rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(1)
+  batch = random_batch(rng, 4)
+  region_mask = np.arange(TINY.max_regions)[None] < batch["num_regions"][:, None]
+  other = {k: v.copy() for k, v in batch.items()}
+  other["region_feat"][~region_mask] = rng.normal(size=other["region_feat"][~region_mask].shape)
+  other["region_loc"][~region_mask] = 0.123
+
+  def run(b):
+    return model(jnp.asarray(b["text_ids"]), jnp.asarray(b["text_ids"] != PAD),
+                 jnp.asarray(b["region_feat"]), jnp.asarray(b["region_loc"]),
+                 jnp.asarray(region_mask))
+
+  np.testing.assert_allclose(run(batch), run(other), atol=1e-6)
+
+
+def test_explicit_attention_path_equals_fused_path():
+  """The path that applies attention dropout computes the same attention when nothing drops."""
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(rng.normal(size=(3, 9, 2, 4)).astype(np.float32)) for _ in range(3))
+  mask = jnp.asarray(np.arange(9)[None] < np.array([[9], [5], [1]]))
+  fused = attention_core(q, k, v, mask=mask, kv_lengths=None, impl="xla", dropout_rate=0.0,
+                         dropout_key=None)
+  explicit = attention_core(q, k, v, mask=mask, kv_lengths=None, impl="xla",
+                            dropout_rate=1e-12, dropout_key=jax.random.key(0))
+  np.testing.assert_allclose(fused, explicit, atol=1e-5)
+
+
+def test_dropout_is_keyed_and_off_in_evaluation():
+  cfg = TINY.__class__(**{**TINY.__dict__, "dropout_rate": 0.3, "attention_dropout_rate": 0.3})
+  model = ImageBert(cfg, rngs=nnx.Rngs(0))
+  b = random_batch(np.random.default_rng(3), 2)
+  args = (jnp.asarray(b["text_ids"]), jnp.asarray(b["text_ids"] != PAD),
+          jnp.asarray(b["region_feat"]), jnp.asarray(b["region_loc"]),
+          jnp.asarray(np.arange(cfg.max_regions)[None] < b["num_regions"][:, None]))
+  e1, e2 = model(*args), model(*args)
+  d1 = model(*args, dropout_key=jax.random.key(1))
+  d1b = model(*args, dropout_key=jax.random.key(1))
+  d2 = model(*args, dropout_key=jax.random.key(2))
+  np.testing.assert_array_equal(e1, e2)
+  np.testing.assert_array_equal(d1, d1b)
+  assert not np.allclose(d1, d2) and not np.allclose(d1, e1)
+
+
+def test_config_errors_name_the_key():
+  bad = TINY.__class__(**{**TINY.__dict__, "num_heads": 5})
+  with pytest.raises(ValueError, match="config.model.num_heads=5"):
+    ImageBert(bad, rngs=nnx.Rngs(0))
