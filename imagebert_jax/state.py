@@ -104,6 +104,10 @@ def state_with_params(spec: StateSpec, tx: optax.GradientTransformation, params:
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 
 
+def global_norm(tree: Any) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def _tree_add(a, b):
   return jax.tree.map(jnp.add, a, b)
 
@@ -153,7 +157,7 @@ def make_train_step(spec: StateSpec, loss_fn: LossFn, tx: optax.GradientTransfor
       (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
       grads = jax.tree.map(lambda g: g / accum, grads)
       metrics = jax.tree.map(lambda m: m / accum, metrics)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = global_norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)

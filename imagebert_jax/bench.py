@@ -1,0 +1,195 @@
+"""On-device throughput benchmark on synthetic batches; imports without TensorFlow.
+
+  python -m imagebert_jax.bench --config configs/imagebert_base.py --batch_size 128
+
+Times the jitted pretraining step (all four objectives) on batches generated on the device, and
+prints one table: samples/s, model-FLOP utilisation, peak device memory, parameter count. Any
+config field can be overridden (`--config.model.remat=full`, `--config.model.attention_impl=xla`).
+
+FLOPs per sample (matrix products only, multiply-add = 2), for L = text + region positions,
+d = hidden, m = MLP width, R regions of F features, V vocabulary, P masked text positions:
+  forward = layers x (8 L d^2 + 4 L d m + 4 L^2 d) + 2 R F d + 2 P d V
+  training = 3 x forward
+With m = 4d this is the count used for the PyTorch reference points (12 x (24 L d^2 + 4 L^2 d)
++ 2 x 100 x 2048 d, times 3, plus the decoder on the masked positions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+from imagebert_jax import optim, parallel
+from imagebert_jax import state as state_lib
+from imagebert_jax.model import ModelConfig
+from imagebert_jax.objectives.masking import max_predictions
+from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss
+
+# Dense bf16 peak of each accelerator, TFLOP/s (vendor datasheets).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0,
+               "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The run config to benchmark.",
+                                          lock_config=True)
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation included).")
+_STAGE = flags.DEFINE_string("stage", "pretrain", "The stage whose objective and optimizer run.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 30522, "Vocabulary size when the config leaves it 0.")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s for MFU (0: known accelerators).")
+
+
+def flops_per_sample(cfg: ModelConfig, text_words: int, mlm_rate: float = 0.15) -> dict:
+  """Model FLOPs of one sample, forward and training, by the formula in the module doc."""
+  length, d, m = cfg.seq_len, cfg.hidden_size, cfg.mlp_dim
+  encoder = cfg.num_layers * (8 * length * d * d + 4 * length * d * m + 4 * length**2 * d)
+  regions = 2 * cfg.max_regions * cfg.region_feature_dim * d
+  decoder = 2 * (mlm_rate * text_words) * d * cfg.vocab_size
+  forward = encoder + regions + decoder
+  return {"forward": forward, "train": 3 * forward}
+
+
+def peak_tflops(device) -> float | None:
+  if _PEAK.value:
+    return _PEAK.value
+  kind = getattr(device, "device_kind", "")
+  for name, value in PEAK_TFLOPS.items():
+    if name.lower() in kind.lower():
+      return value
+  return None
+
+
+def synthetic_batch(key: jax.Array, cfg: ModelConfig, batch: int, obj: PretrainObjective,
+                    text_words: int) -> dict[str, jax.Array]:
+  """A pretraining batch drawn on the device: full-length captions, 100 regions per image."""
+  k = jax.random.split(key, 5)
+  t = cfg.max_text_len
+  words = jax.random.randint(k[0], (batch, t), *obj.random_token_range, dtype=jnp.int32)
+  pos = jnp.arange(t)[None]
+  ids = jnp.where(pos == 0, obj.cls_id, jnp.where(pos == text_words + 1, obj.sep_id,
+                                                  jnp.where(pos <= text_words, words, obj.pad_id)))
+  return {
+      "text_ids": ids.astype(jnp.int32),
+      "region_feat": jax.nn.relu(jax.random.normal(
+          k[1], (batch, cfg.max_regions, cfg.region_feature_dim))).astype(jnp.float16),
+      "region_loc": jax.random.uniform(k[2], (batch, cfg.max_regions, 5)),
+      "num_regions": jnp.full((batch,), cfg.max_regions, jnp.int32),
+      "region_class": jax.random.randint(k[3], (batch, cfg.max_regions), 0,
+                                         cfg.num_object_classes, dtype=jnp.int32),
+      "image_key": jax.random.randint(k[4], (batch,), 0, 2**30, dtype=jnp.int32),
+  }
+
+
+def _objective(config, model_cfg: ModelConfig, stage: str) -> PretrainObjective:
+  if model_cfg.vocab_size >= 30522:  # BERT uncased layout
+    ids = dict(pad_id=0, cls_id=101, sep_id=102, mask_id=103,
+               random_token_range=(999, model_cfg.vocab_size))
+  else:
+    ids = dict(pad_id=0, cls_id=2, sep_id=3, mask_id=4, random_token_range=(5, model_cfg.vocab_size))
+  values = config.stages[stage].objective.to_dict() if stage in config.stages else {}
+  return PretrainObjective(**ids, **values)
+
+
+def _memory(device, compiled) -> tuple[float | None, str]:
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"] / 2**30, "device peak"
+  try:
+    ma = compiled.memory_analysis()
+    total = ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
+    return total / 2**30, "compiler estimate"
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    return None, "n/a"
+
+
+def bench_train(config, batch_size: int, steps: int, warmup: int, stage: str) -> dict[str, Any]:
+  model_cfg = ModelConfig.from_config(config.model)
+  if model_cfg.vocab_size == 0:
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=_VOCAB.value)
+  if jax.default_backend() == "cpu" and model_cfg.dtype != "float32":
+    model_cfg = dataclasses.replace(model_cfg, dtype="float32")
+  model_cfg.validate()
+  obj = _objective(config, model_cfg, stage)
+  text_words = model_cfg.max_text_len - 2
+  mesh = parallel.make_mesh(tuple(config.mesh.shape))
+  rules = parallel.rules_from_config(config.mesh.rules)
+  optim_cfg = config.stages[stage].optim if stage in config.stages else None
+  tx, schedule = optim.make_optimizer(optim_cfg, 10_000)
+  spec = state_lib.state_spec(model_cfg, tx, mesh, rules, seed=0)
+  state = state_lib.create_state(spec, model_cfg, tx, seed=0)
+  n_params = parallel.tree_size(state.params)
+  grad_accum = config.stages[stage].train.grad_accum_steps if stage in config.stages else 1
+  step = state_lib.make_train_step(spec, functools.partial(pretrain_loss, obj=obj), tx, seed=0,
+                                   schedule=schedule, grad_accum_steps=grad_accum)
+  batch_sharding = {k: parallel.batch_sharding(mesh, rules, nd) for k, nd in (
+      ("text_ids", 2), ("region_feat", 3), ("region_loc", 3), ("num_regions", 1),
+      ("region_class", 2), ("image_key", 1))}
+  with jax.set_mesh(mesh):
+    make_batch = jax.jit(functools.partial(synthetic_batch, cfg=model_cfg, batch=batch_size,
+                                           obj=obj, text_words=text_words),
+                         out_shardings=batch_sharding)
+    batches = [make_batch(jax.random.key(i)) for i in range(2)]
+  for i in range(warmup):
+    state, metrics = step(state, batches[i % 2])
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for i in range(steps):
+    state, metrics = step(state, batches[i % 2])
+  jax.block_until_ready((state, metrics))
+  seconds = time.perf_counter() - start
+  compiled = step.jitted.lower(state, batches[0]).compile() if hasattr(step, "jitted") else None
+  device = jax.devices()[0]
+  mem, mem_kind = _memory(device, compiled)
+  flops = flops_per_sample(model_cfg, text_words, obj.mlm_rate)
+  samples_per_s = batch_size * steps / seconds
+  peak = peak_tflops(device)
+  achieved = samples_per_s * flops["train"] / 1e12
+  return {
+      "device": f"{device.device_kind} x{jax.device_count()}", "jax": jax.__version__,
+      "dtype": model_cfg.dtype, "attention": model_cfg.attention_impl, "remat": model_cfg.remat,
+      "batch": batch_size, "positions": model_cfg.seq_len, "step_ms": 1000 * seconds / steps,
+      "samples_per_s": samples_per_s, "train_gflop_per_sample": flops["train"] / 1e9,
+      "achieved_tflops": achieved, "mfu": achieved / peak if peak else None,
+      "peak_mem_gib": mem, "mem_kind": mem_kind, "params": n_params,
+      "loss": float(metrics["loss"]),
+  }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+  cols = [("mode", "{}"), ("device", "{}"), ("dtype", "{}"), ("batch", "{}"),
+          ("positions", "{}"), ("step_ms", "{:.1f}"), ("samples_per_s", "{:,.0f}"),
+          ("pairs_per_s", "{:,.0f}"), ("achieved_tflops", "{:.1f}"), ("mfu", "{:.1%}"),
+          ("peak_mem_gib", "{:.2f}"), ("params", "{:,}")]
+  header = [c for c, _ in cols]
+  lines = [header]
+  for r in rows:
+    lines.append([fmt.format(r[c]) if r.get(c) is not None else "-" for c, fmt in cols])
+  widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+  out = ["  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in lines]
+  out.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(out)
+
+
+def main(argv):
+  del argv
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config configs/imagebert_base.py")
+  config = _CONFIG.value
+  rows = [dict(mode="train", **bench_train(config, _BATCH.value, _STEPS.value, _WARMUP.value,
+                                           _STAGE.value))]
+  r = rows[0]
+  print(f"jax {r['jax']}; {r['positions']} positions; attention={r['attention']}, "
+        f"remat={r['remat']}; training FLOPs/sample = {r['train_gflop_per_sample']:.2f} GFLOP "
+        f"(3 x forward matrix products; see imagebert_jax/bench.py); memory: {r['mem_kind']}")
+  print(format_table(rows))
+
+
+if __name__ == "__main__":
+  app.run(main)

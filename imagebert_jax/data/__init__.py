@@ -1,0 +1,1 @@
+"""Data: region-feature files, tokenizer, dataset records and builders, tf.data pipelines."""

@@ -1,0 +1,1 @@
+"""Masking and the losses of pretraining and retrieval fine-tuning. Imports without TensorFlow."""
