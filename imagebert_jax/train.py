@@ -131,13 +131,17 @@ def pretrain(config: ml_collections.ConfigDict, name: str, workdir: str) -> dict
   tcfg = stage.train
 
   # ---- Data -------------------------------------------------------------------------------
-  from imagebert_jax.data import pipeline
+  from imagebert_jax.data import pipeline, records
   from imagebert_jax.data.tokenizer import special_ids
   pipeline.hide_gpus_from_tf()
   data_dir, vocab = prepare_data(config, stage.data, workdir)
   ids = special_ids(vocab)
   model_cfg = model_config(config, ids.vocab_size)
   obj = pretrain_objective(stage.objective, ids)
+  if not records.read_info(data_dir)["options"].get("has_object_labels", True) and obj.moc_weight:
+    logging.warning("[%s] %s has no object class labels (its region features came without "
+                    "them): masked object classification is off for this stage", name, data_dir)
+    obj = dataclasses.replace(obj, moc_weight=0.0)
   pipe = pipeline.PipelineConfig(
       data_dir=data_dir, split=stage.data.train_split, batch_size=tcfg.batch_size,
       max_text_len=model_cfg.max_text_len, max_regions=model_cfg.max_regions,

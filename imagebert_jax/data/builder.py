@@ -54,8 +54,11 @@ class BuildReport:
       self.messages.append(message)
 
   def note(self, reason: str, message: str) -> None:
-    """Counts a repaired (not skipped) problem, e.g. boxes beyond the maximum cut off."""
-    self.skip(reason, message)
+    """Counts a problem that was repaired, not skipped (boxes beyond the maximum cut off)."""
+    self.skipped[reason] += 1
+    logging.warning("repaired: %s", message)
+    if len(self.messages) < MAX_MESSAGES:
+      self.messages.append(message)
 
   @property
   def total_skipped(self) -> int:
@@ -127,11 +130,44 @@ class ShardWriter:
       self._writer.close()
 
 
+def _shard_report_path(out_dir: str, name: str, index: int, num_shards: int) -> str:
+  return os.path.join(out_dir, f"{name}.build-{index:05d}-of-{num_shards:05d}.json")
+
+
+def write_shard_report(out_dir: str, name: str, index: int, num_shards: int,
+                       report: BuildReport, extra: dict | None = None) -> None:
+  """What one build shard kept and skipped over all splits (finalize sums these)."""
+  with open(_shard_report_path(out_dir, name, index, num_shards), "w") as f:
+    json.dump({"shard_index": index, "num_shards": num_shards, **report.to_json(),
+               **(extra or {})}, f, indent=1)
+
+
+def read_shard_reports(out_dir: str, name: str) -> list[dict]:
+  paths = sorted(glob.glob(os.path.join(out_dir, f"{name}.build-*-of-*.json")))
+  reports = []
+  for path in paths:
+    with open(path) as f:
+      reports.append(json.load(f))
+  if not reports:
+    raise ValueError(f"{out_dir}: no build reports for dataset {name!r}; build its shards first")
+  n = reports[0]["num_shards"]
+  missing = sorted(set(range(n)) - {r["shard_index"] for r in reports})
+  if missing:
+    raise ValueError(f"{out_dir}: dataset {name!r} lacks build shards {missing} of {n}; build "
+                     "them (--shard_index) before finalising")
+  return reports
+
+
 def finalize(out_dir: str, name: str, opts: records.RecordOptions, *,
              extra_info: dict[str, Any] | None = None) -> dict:
   """Checks every shard is present and writes the TFDS metadata and the dataset summary."""
   import tensorflow_datasets as tfds
 
+  others = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "*.tfrecord-*"))
+                  if not os.path.basename(p).startswith(f"{name}-"))[:3]
+  if others:
+    raise ValueError(f"{out_dir}: holds the records of other datasets too ({others}); give each "
+                     "dataset a folder of its own")
   reports: dict[str, dict[int, dict]] = collections.defaultdict(dict)
   expected: dict[str, int] = {}
   for path in sorted(glob.glob(os.path.join(out_dir, f"{name}-*.report-*-of-*.json"))):
@@ -158,12 +194,8 @@ def finalize(out_dir: str, name: str, opts: records.RecordOptions, *,
         filename_template=tfds.core.ShardedFileTemplate(
             data_dir=out_dir, template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
             dataset_name=name, split=split, filetype_suffix="tfrecord")))
-    skipped = collections.Counter()
-    for r in by_index.values():
-      skipped.update(r["skipped"])
     summary[split] = {"records": sum(shard_lengths),
-                      "pairs": sum(r["pairs"] for r in by_index.values()),
-                      "skipped": dict(skipped)}
+                      "pairs": sum(r["pairs"] for r in by_index.values())}
   tfds.folder_dataset.write_metadata(
       data_dir=out_dir, features=records.features_dict(opts), split_infos=split_infos,
       filename_template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}", check_data=False,
@@ -172,6 +204,6 @@ def finalize(out_dir: str, name: str, opts: records.RecordOptions, *,
   with open(os.path.join(out_dir, records.INFO_FILE), "w") as f:
     json.dump(info, f, indent=1)
   for split, s in summary.items():
-    logging.info("dataset %s split %s: %d records, %d pairs, skipped %s", name, split,
-                 s["records"], s["pairs"], s["skipped"] or "none")
+    logging.info("dataset %s split %s: %d records, %d pairs", name, split, s["records"],
+                 s["pairs"])
   return info

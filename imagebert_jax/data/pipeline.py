@@ -134,20 +134,30 @@ def _caption_ids(ex, cfg: PipelineConfig):
 
 
 def _pairs(ds, cfg: PipelineConfig, stored_probs: bool):
-  """Record dataset -> dataset of (image, caption) pair dicts."""
+  """Record dataset -> dataset of (image fields, caption fields) pairs.
+
+  The per-record work (region padding, box locations, caption truncation) runs in a parallel map;
+  the flattening only pairs the record's image fields with each caption, without copying them.
+  """
   import tensorflow as tf
 
-  def expand(index, ex):
+  def prepare(index, ex):
     image = _image_fields(ex, cfg, stored_probs)
     image["image_index"] = tf.cast(index, tf.int32)
-    text = _caption_ids(ex, cfg)
+    return image, _caption_ids(ex, cfg)
+
+  def expand(image, text):
     k = tf.shape(text)[0]
     captions = tf.data.Dataset.from_tensor_slices(
         {"text_ids": text, "caption_index": tf.range(k, dtype=tf.int32)})
-    return tf.data.Dataset.zip(tf.data.Dataset.from_tensors(image).repeat(), captions).map(
-        lambda img, cap: {**img, **cap})
+    return tf.data.Dataset.zip((tf.data.Dataset.from_tensors(image).repeat(), captions))
 
-  return ds.enumerate().flat_map(expand)
+  ds = ds.enumerate().map(prepare, num_parallel_calls=cfg.num_parallel_calls)
+  return ds.flat_map(expand)
+
+
+def _merge(image, caption):
+  return {**image, **caption}
 
 
 def _read(cfg: PipelineConfig, *, shuffle_files: bool, per_process: bool = True):
@@ -175,9 +185,11 @@ def train_dataset(cfg: PipelineConfig):
   ds = _pairs(ds, cfg, stored_probs)
   if cfg.pair_shuffle_buffer > 1:
     ds = ds.shuffle(cfg.pair_shuffle_buffer, seed=cfg.seed + 1)
-  ds = ds.map(lambda x: {k: v for k, v in x.items() if k not in ("image_index", "caption_index")})
   ds = ds.batch(_local_batch(cfg.batch_size), drop_remainder=True,
-                num_parallel_calls=tf.data.AUTOTUNE)
+                num_parallel_calls=cfg.num_parallel_calls)
+  drop = ("image_index", "caption_index")
+  ds = ds.map(lambda image, caption: {k: v for k, v in _merge(image, caption).items()
+                                      if k not in drop})
   return ds.prefetch(cfg.prefetch)
 
 
@@ -210,7 +222,8 @@ def eval_dataset(cfg: PipelineConfig, *, max_batches: int | None = None):
     needed = int(np.max(multihost_utils.process_allgather(np.asarray(needed))))
   num_batches = needed if max_batches is None else min(needed, max_batches)
   real = min(local_pairs, num_batches * local)
-  ds = _pairs(ds, cfg, stored_probs).map(lambda x: {**x, "mask": True})
+  ds = _pairs(ds, cfg, stored_probs).map(lambda image, caption: {**image, **caption,
+                                                                  "mask": True})
   padding = ds.take(1).map(lambda x: {**x, "mask": False}).repeat(num_batches * local - real)
   ds = ds.take(real).concatenate(padding)
   return ds.batch(local, drop_remainder=True).prefetch(cfg.prefetch)

@@ -14,14 +14,16 @@ The dataset is written through the same builder as real data, and read through t
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 
 import numpy as np
 
-from imagebert_jax.data import builder, records
-from imagebert_jax.data.regionfile import RegionRecord
-from imagebert_jax.data.tokenizer import Tokenizer, write_vocab
+from imagebert_jax.data import build as build_lib
+from imagebert_jax.data import records
+from imagebert_jax.data.regionfile import RegionFileWriter, RegionRecord
+from imagebert_jax.data.tokenizer import write_vocab
 
 OBJECTS = ("dog", "cat", "car", "tree", "bird", "horse", "boat", "chair", "ball", "cup", "person",
            "house")
@@ -144,45 +146,50 @@ class SceneGenerator:
         object_conf=np.asarray(confs, np.float32))
 
 
-def record_options(spec: SyntheticSpec) -> records.RecordOptions:
-  return records.RecordOptions(feature_dim=spec.feature_dim, min_boxes=spec.min_regions,
-                               max_boxes=spec.max_regions, conf_threshold=0.2)
-
-
 def build(out_dir: str, splits: dict[str, int], spec: SyntheticSpec = SyntheticSpec(),
           max_text_len: int = 16, name: str = "synthetic") -> str:
   """Writes the synthetic dataset (and its vocabulary) to `out_dir`; returns the vocab path.
 
-  Does nothing if a finished dataset with the same settings is already there.
+  The scenes become a region file and a JSONL caption file, which the regular builder joins,
+  tokenizes and writes, exactly as it does real data. Does nothing if a finished dataset with the
+  same settings is already there.
   """
   os.makedirs(out_dir, exist_ok=True)
   vocab_file = os.path.join(out_dir, "vocab.txt")
-  wanted = {"spec": dataclasses.asdict(spec), "splits": splits, "max_text_len": max_text_len}
+  wanted = _jsonable({"spec": dataclasses.asdict(spec), "splits": splits,
+                      "max_text_len": max_text_len})
   try:
-    if records.read_info(out_dir).get("synthetic") == _jsonable(wanted):
+    if records.read_info(out_dir).get("synthetic") == wanted:
       logging.info("Synthetic dataset already built in %s", out_dir)
       return vocab_file
   except FileNotFoundError:
     pass
   write_vocab(vocab_file, vocabulary())
-  tokenizer = Tokenizer(vocab_file, max_len=max_text_len)
   gen = SceneGenerator(spec)
-  opts = record_options(spec)
-  for s_index, (split, count) in enumerate(sorted(splits.items())):
-    rng = np.random.default_rng([spec.seed, s_index])
-    with builder.ShardWriter(out_dir, name, split, opts, log_every=0) as writer:
+  source_dir = os.path.join(out_dir, "source")
+  os.makedirs(source_dir, exist_ok=True)
+  regions_path = os.path.join(source_dir, "regions.ibrf")
+  captions_path = os.path.join(source_dir, "captions.jsonl")
+  with RegionFileWriter(regions_path) as regions, open(captions_path, "w") as caps:
+    for s_index, (split, count) in enumerate(sorted(splits.items())):
+      rng = np.random.default_rng([spec.seed, s_index])
       for i in range(count):
         scene = gen.scene(rng)
-        region_record = records.select_regions(gen.regions(scene, f"{split}_{i:06d}", rng), opts)
-        caps = describe(scene, rng, spec.captions_per_image)
-        writer.write(records.make_example(region_record, caps, tokenizer.encode_batch(caps),
-                                          opts))
-  builder.finalize(out_dir, name, opts, extra_info={
-      "vocab_file": "vocab.txt", "max_text_len": max_text_len, "synthetic": _jsonable(wanted),
-      "class_names": list(CLASSES)})
+        image_id = f"{split}_{i:06d}"
+        regions.write(gen.regions(scene, image_id, rng))
+        for text in describe(scene, rng, spec.captions_per_image):
+          caps.write(json.dumps({"image_id": image_id, "caption": text, "split": split}) + "\n")
+  build_lib.build_dataset(build_lib.BuildSpec(
+      name=name, out_dir=out_dir, regions=[regions_path], captions=[captions_path],
+      caption_source="jsonl", vocab_file=vocab_file, max_text_len=max_text_len,
+      feature_dim=spec.feature_dim, min_boxes=spec.min_regions, max_boxes=spec.max_regions,
+      log_every=0))
+  info = records.read_info(out_dir)
+  info.update({"vocab_file": "vocab.txt", "synthetic": wanted, "class_names": list(CLASSES)})
+  with open(os.path.join(out_dir, records.INFO_FILE), "w") as f:
+    json.dump(info, f, indent=1)
   return vocab_file
 
 
 def _jsonable(x):
-  import json
   return json.loads(json.dumps(x))

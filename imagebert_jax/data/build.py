@@ -1,0 +1,247 @@
+"""Builds a dataset from region features and captions: `python -m imagebert_jax.data.build ...`.
+
+Regions are streamed file by file; captions go to an on-disk index first; each image's record gets
+its captions, tokenized once. Memory stays bounded whatever the dataset size. A build can be split
+over machines (`--num_shards N --shard_index i` on each, by a hash of the image id; then one
+`--finalize_only` run), is deterministic, logs records/s, and ends with a report of what was kept
+and what was skipped and why. See the README for one command per public dataset.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+import zlib
+from typing import Iterable
+
+from imagebert_jax.data import builder, captions as captions_lib, formats, records
+from imagebert_jax.data.regionfile import RegionRecord
+from imagebert_jax.data.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class BuildSpec:
+  name: str
+  out_dir: str
+  regions: list[str]
+  captions: list[str]
+  caption_source: str = "jsonl"
+  region_format: str = "auto"
+  split: str = "train"             # the split of sources that name none (cc, sbu, jsonl)
+  vocab_file: str = ""
+  max_text_len: int = 44
+  feature_dim: int = 2048
+  min_boxes: int = 10
+  max_boxes: int = 100
+  conf_threshold: float = 0.2
+  class_probs_dim: int = 0         # >0: store the full class distribution (UNITER npz, region
+                                   # files), e.g. 1600; needed by the KL variant of MOC
+  image_id_mode: str = "none"      # see formats.canonical_id
+  shard_index: int = 0
+  num_shards: int = 1
+  log_every: int = 10_000
+
+
+def shard_of(image_id: str, num_shards: int) -> int:
+  return zlib.crc32(image_id.encode("utf-8")) % num_shards
+
+
+def _has_labels(spec: BuildSpec, paths: list[str]) -> bool:
+  """Whether the region source carries class labels (decided before anything is written)."""
+  fmt = spec.region_format
+  if fmt in formats.LABELLED:
+    return formats.LABELLED[fmt]
+  for path in paths:
+    kind = formats.detect_format(path)
+    if kind != "tsv":
+      return formats.LABELLED[kind]
+    try:
+      with open(path, "rb") as f:
+        return len(f.readline().split(b"\t")) == len(formats.D2_FIELDS)
+    except OSError:
+      continue
+  return True
+
+
+def build_dataset(spec: BuildSpec, *, finalize: bool | None = None) -> dict:
+  """Writes this shard of every split; finalises when there is one shard (or when asked)."""
+  start = time.time()
+  paths = formats.expand_paths(spec.regions)
+  if not paths:
+    raise ValueError(f"--regions {spec.regions}: no files")
+  has_labels = _has_labels(spec, paths)
+  if not has_labels:
+    logging.warning("%s: the region features carry no object class labels (bottom-up-attention "
+                    "TSV): masked object classification will be turned off for this dataset",
+                    spec.name)
+  opts = records.RecordOptions(
+      feature_dim=spec.feature_dim, min_boxes=spec.min_boxes, max_boxes=spec.max_boxes,
+      conf_threshold=spec.conf_threshold, has_object_labels=has_labels,
+      has_attributes=False, class_probs_dim=spec.class_probs_dim)
+  tokenizer = Tokenizer(spec.vocab_file, max_len=spec.max_text_len)
+  report = builder.BuildReport()
+  os.makedirs(spec.out_dir, exist_ok=True)
+
+  # ---- Captions: this shard's, into an on-disk index ------------------------------------------
+  fd, index_path = tempfile.mkstemp(prefix=f".{spec.name}-captions-", suffix=".sqlite",
+                                    dir=spec.out_dir)
+  os.close(fd)
+  index = captions_lib.CaptionIndex(index_path)
+  splits: set[str] = set()
+
+  def all_captions():
+    for item in captions_lib.read_captions(spec.caption_source, spec.captions, spec.split):
+      if isinstance(item, captions_lib.Caption):
+        splits.add(item.split)
+      yield item
+
+  n_captions = index.add_all(
+      all_captions(), keep=lambda i: shard_of(i, spec.num_shards) == spec.shard_index,
+      id_mode=spec.image_id_mode, on_problem=lambda p: report.skip(p.reason, p.message))
+  logging.info("%s: indexed %d captions of this shard (splits %s)", spec.name, n_captions,
+               sorted(splits))
+  if not splits:
+    raise ValueError(f"--captions {spec.captions}: no usable captions")
+
+  # ---- Regions: stream, join, write ---------------------------------------------------------
+  writers = {s: builder.ShardWriter(spec.out_dir, spec.name, s, opts,
+                                    shard_index=spec.shard_index, num_shards=spec.num_shards,
+                                    log_every=spec.log_every)
+             for s in sorted(splits)}
+  n_items = 0
+  try:
+    for where, item in formats.read_regions(paths, spec.region_format, spec.feature_dim):
+      n_items += 1
+      if isinstance(item, formats.Problem):
+        report.skip(item.reason, item.message)
+        continue
+      image_id = formats.canonical_id(item.image_id, spec.image_id_mode)
+      if shard_of(image_id, spec.num_shards) != spec.shard_index:
+        continue
+      if opts.class_probs_dim and (item.class_probs is None
+                                   or item.class_probs.shape[1] != opts.class_probs_dim):
+        report.skip("class_probs", f"{where}: no class distribution of "
+                                   f"{opts.class_probs_dim} classes, which --class_probs_dim "
+                                   "asks for")
+        continue
+      if not index.first_time(image_id):
+        report.skip("duplicate_image_id", f"{where}: a second set of region features for image "
+                                          f"{image_id}; the first is kept")
+        continue
+      found = index.lookup(image_id)
+      if not found:
+        report.skip("image_without_captions", f"{where}: region features but no captions")
+        continue
+      if item.num_boxes > opts.max_boxes:
+        report.note("too_many_boxes", f"{where}: {item.num_boxes} boxes, the best "
+                                      f"{opts.max_boxes} are kept")
+      _write(item, image_id, found, opts, tokenizer, writers)
+      if spec.log_every and n_items % spec.log_every == 0:
+        logging.info("%s shard %d/%d: %d region records read, %.0f/s", spec.name,
+                     spec.shard_index, spec.num_shards, n_items, n_items / (time.time() - start))
+    images, caps, ids = index.unused()
+    if caps:
+      report.skip("captions_without_image",
+                  f"{caps} captions of {images} images have no region features "
+                  f"(e.g. images {', '.join(ids[:5])})")
+      report.skipped["captions_without_image"] += caps - 1  # count every caption
+  finally:
+    index.close()
+  for writer in writers.values():
+    part = writer.close()
+    report.records += part.records
+    report.pairs += part.pairs
+    report.num_bytes += part.num_bytes
+  report.seconds = time.time() - start
+  builder.write_shard_report(spec.out_dir, spec.name, spec.shard_index, spec.num_shards, report,
+                             extra={"has_object_labels": has_labels})
+  logging.info("%s shard %d/%d: %s in %.1fs", spec.name, spec.shard_index, spec.num_shards,
+               report.summary(), report.seconds)
+  if finalize if finalize is not None else spec.num_shards == 1:
+    return finalize_dataset(spec)
+  return {"shard": report.to_json()}
+
+
+def _write(record: RegionRecord, image_id: str, found, opts, tokenizer, writers) -> None:
+  selected = records.select_regions(dataclasses.replace(record, image_id=image_id), opts)
+  by_split = collections.defaultdict(list)
+  for split, text in found:
+    by_split[split].append(text)
+  for split, texts in by_split.items():
+    example = records.make_example(selected, texts, tokenizer.encode_batch(texts), opts)
+    writers[split].write(example)
+
+
+def finalize_dataset(spec: BuildSpec) -> dict:
+  """Checks all shards are there; writes TFDS metadata and the summary; prints the report."""
+  shard_reports = builder.read_shard_reports(spec.out_dir, spec.name)
+  labels = all(r.get("has_object_labels", True) for r in shard_reports)
+  opts = records.RecordOptions(
+      feature_dim=spec.feature_dim, min_boxes=spec.min_boxes, max_boxes=spec.max_boxes,
+      conf_threshold=spec.conf_threshold, has_object_labels=labels,
+      class_probs_dim=spec.class_probs_dim)
+  skipped = collections.Counter()
+  for r in shard_reports:
+    skipped.update(r["skipped"])
+  info = builder.finalize(spec.out_dir, spec.name, opts, extra_info={
+      "vocab_file": os.path.abspath(spec.vocab_file), "max_text_len": spec.max_text_len,
+      "skipped": dict(skipped), "image_id_mode": spec.image_id_mode,
+      "sources": {"regions": spec.regions, "captions": spec.captions,
+                  "caption_source": spec.caption_source}})
+  kept = {s: (v["records"], v["pairs"]) for s, v in info["splits"].items()}
+  print(f"{spec.name}: kept " + ", ".join(f"{s}: {r} images / {p} pairs"
+                                          for s, (r, p) in sorted(kept.items())))
+  print(f"{spec.name}: skipped {sum(skipped.values())}" +
+        ("".join(f"\n  {k}: {v}" for k, v in sorted(skipped.items())) if skipped else ""))
+  return info
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+  from absl import app, flags
+
+  f = flags.FLAGS
+  flags.DEFINE_string("name", None, "Dataset name (file prefix).")
+  flags.DEFINE_string("out_dir", None, "Output folder.")
+  flags.DEFINE_list("regions", [], "Region-feature files, globs or folders.")
+  flags.DEFINE_enum("region_format", "auto", ["auto"] + list(formats.FORMATS),
+                    "Region format; auto: by extension (.tsv both TSV layouts, .npz, .ibrf).")
+  flags.DEFINE_list("captions", [], "Caption files (sbu: captions file, then URLs file).")
+  flags.DEFINE_enum("caption_source", "jsonl", list(captions_lib.SOURCES), "Caption format.")
+  flags.DEFINE_string("split", "train", "Split of sources that name none (cc, sbu, jsonl).")
+  flags.DEFINE_string("vocab_file", None, "BERT vocab.txt (WordPiece, uncased).")
+  flags.DEFINE_integer("max_text_len", 44, "Token budget per caption, [CLS] and [SEP] included.")
+  flags.DEFINE_integer("feature_dim", 2048, "Region feature dimension.")
+  flags.DEFINE_integer("min_boxes", 10, "Fewest regions kept per image.")
+  flags.DEFINE_integer("max_boxes", 100, "Most regions kept per image.")
+  flags.DEFINE_float("conf_threshold", 0.2, "Regions at or above this confidence are kept.")
+  flags.DEFINE_integer("class_probs_dim", 0, "Store the detector's class distribution of this "
+                       "many classes (0: do not); the KL variant of MOC needs it.")
+  flags.DEFINE_enum("image_id_mode", "none", ["none", "trailing_int"],
+                    "How ids are matched between regions and captions.")
+  flags.DEFINE_integer("shard_index", 0, "This machine's shard.")
+  flags.DEFINE_integer("num_shards", 1, "Shards in all (one per machine).")
+  flags.DEFINE_bool("finalize_only", False, "Only check the shards and write the metadata.")
+  flags.mark_flags_as_required(["name", "out_dir", "vocab_file"])
+
+  def run(_):
+    spec = BuildSpec(
+        name=f.name, out_dir=f.out_dir, regions=f.regions, captions=f.captions,
+        caption_source=f.caption_source, region_format=f.region_format, split=f.split,
+        vocab_file=f.vocab_file, max_text_len=f.max_text_len, feature_dim=f.feature_dim,
+        min_boxes=f.min_boxes, max_boxes=f.max_boxes, conf_threshold=f.conf_threshold,
+        class_probs_dim=f.class_probs_dim, image_id_mode=f.image_id_mode, shard_index=f.shard_index, num_shards=f.num_shards)
+    if f.finalize_only:
+      finalize_dataset(spec)
+    else:
+      build_dataset(spec)
+
+  app.run(run, argv=argv)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,199 @@
+"""Caption sources, and an on-disk caption index so that joining them with regions stays within a
+bounded memory whatever the dataset size.
+
+Sources (each yields `Caption`s, or `Problem`s for entries it cannot use):
+  karpathy  dataset_coco.json / dataset_flickr30k.json (Karpathy & Fei-Fei 2015): {"images": [
+            {"split": train|restval|val|test, "filename", "cocoid"?, "sentences": [{"raw"}...]}]}.
+            The image id is `cocoid` when present (COCO), else the file name without extension
+            (Flickr30k), which are the ids the bottom-up-attention features use.
+  cc        Conceptual Captions TSV (Sharma et al. 2018): "caption<TAB>url" per line, no header.
+            The image id is the line's 0-based index, the name image downloaders give the files.
+  sbu       SBU Captioned Photo Dataset (Ordonez et al. 2011): the captions file and the URLs file,
+            line by line in parallel. The image id is the Flickr photo id in the URL
+            (.../<id>_<secret>.jpg).
+  jsonl     one JSON object per line: {"image_id": ..., "caption": ..., "split"?: ...}, for one's
+            own web-scale data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sqlite3
+from typing import Iterator, Union
+
+from imagebert_jax.data.formats import Problem, canonical_id
+
+SOURCES = ("karpathy", "cc", "sbu", "jsonl")
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Caption:
+  image_id: str
+  split: str
+  text: str
+
+
+Item = Union[Caption, Problem]
+
+
+def _open(path: str):
+  try:
+    return open(path, encoding="utf-8", errors="replace")
+  except OSError as e:
+    raise FileNotFoundError(f"{path}: cannot open the caption file ({e.strerror})") from e
+
+
+def read_karpathy(path: str) -> Iterator[Item]:
+  with _open(path) as f:
+    try:
+      data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e})") from e
+  images = data.get("images") if isinstance(data, dict) else None
+  if not isinstance(images, list):
+    raise ValueError(f"{path}: no 'images' list: not a Karpathy split file")
+  for i, img in enumerate(images):
+    if "cocoid" in img:
+      image_id = str(img["cocoid"])
+    elif "filename" in img:
+      image_id = os.path.splitext(os.path.basename(img["filename"]))[0]
+    else:
+      yield Problem("bad_caption_entry", f"{path} image {i}: neither cocoid nor filename")
+      continue
+    split = img.get("split", "train")
+    for j, sentence in enumerate(img.get("sentences", [])):
+      text = (sentence.get("raw") or " ".join(sentence.get("tokens", []))).strip()
+      if not text:
+        yield Problem("empty_caption", f"{path} image {image_id} sentence {j}: empty caption")
+        continue
+      yield Caption(image_id, split, text)
+
+
+def read_cc(path: str, split: str) -> Iterator[Item]:
+  with _open(path) as f:
+    for i, line in enumerate(f):
+      caption = line.rstrip("\r\n").split("\t")[0].strip()
+      if not caption:
+        yield Problem("empty_caption", f"{path} line {i + 1}: empty caption")
+        continue
+      yield Caption(str(i), split, caption)
+
+
+_FLICKR_ID = re.compile(r"/(\d+)_[^/]*$")
+
+
+def read_sbu(captions_path: str, urls_path: str, split: str) -> Iterator[Item]:
+  with _open(captions_path) as caps, _open(urls_path) as urls:
+    for i, (caption, url) in enumerate(zip(caps, urls)):
+      caption, url = caption.strip(), url.strip()
+      m = _FLICKR_ID.search(url)
+      if not m:
+        yield Problem("bad_caption_entry", f"{urls_path} line {i + 1}: no Flickr photo id in "
+                                           f"{url!r}")
+        continue
+      if not caption:
+        yield Problem("empty_caption", f"{captions_path} line {i + 1}: empty caption")
+        continue
+      yield Caption(m.group(1), split, caption)
+
+
+def read_jsonl(path: str, split: str) -> Iterator[Item]:
+  with _open(path) as f:
+    for i, line in enumerate(f):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+        image_id, caption = str(obj["image_id"]), str(obj["caption"]).strip()
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        yield Problem("bad_caption_entry", f"{path} line {i + 1}: not a JSON object with "
+                                           f"image_id and caption ({e})")
+        continue
+      if not caption:
+        yield Problem("empty_caption", f"{path} line {i + 1}: empty caption")
+        continue
+      yield Caption(image_id, str(obj.get("split", split)), caption)
+
+
+def read_captions(source: str, paths: list[str], split: str = "train") -> Iterator[Item]:
+  if source == "karpathy":
+    for p in paths:
+      yield from read_karpathy(p)
+  elif source == "cc":
+    for p in paths:
+      yield from read_cc(p, split)
+  elif source == "sbu":
+    if len(paths) != 2:
+      raise ValueError("sbu captions need two files: the captions file and the URLs file")
+    yield from read_sbu(paths[0], paths[1], split)
+  elif source == "jsonl":
+    for p in paths:
+      yield from read_jsonl(p, split)
+  else:
+    raise ValueError(f"unknown caption source {source!r}; known: {SOURCES}")
+
+
+class CaptionIndex:
+  """Captions on disk (SQLite), looked up by image id, each lookup marking the image as used.
+
+  Only captions whose image belongs to this shard (`keep(image_id)`) are stored.
+  """
+
+  def __init__(self, path: str):
+    if os.path.exists(path):
+      os.remove(path)
+    self.path = path
+    self.db = sqlite3.connect(path)
+    self.db.execute("PRAGMA journal_mode=OFF")
+    self.db.execute("PRAGMA synchronous=OFF")
+    self.db.execute("CREATE TABLE captions (image_id TEXT, split TEXT, seq INTEGER, text TEXT)")
+    self.db.execute("CREATE TABLE used (image_id TEXT PRIMARY KEY)")
+    self.db.execute("CREATE TABLE seen (image_id TEXT PRIMARY KEY)")
+
+  def add_all(self, items, keep, id_mode: str, on_problem) -> int:
+    n, batch = 0, []
+    for seq, item in enumerate(items):
+      if isinstance(item, Problem):
+        on_problem(item)
+        continue
+      image_id = canonical_id(item.image_id, id_mode)
+      if not keep(image_id):
+        continue
+      batch.append((image_id, item.split, seq, item.text))
+      if len(batch) >= 10_000:
+        self.db.executemany("INSERT INTO captions VALUES (?, ?, ?, ?)", batch)
+        n += len(batch)
+        batch = []
+    self.db.executemany("INSERT INTO captions VALUES (?, ?, ?, ?)", batch)
+    n += len(batch)
+    self.db.execute("CREATE INDEX by_image ON captions (image_id)")
+    self.db.commit()
+    return n
+
+  def first_time(self, image_id: str) -> bool:
+    """True the first time an image's regions come by; False for a duplicate."""
+    return self.db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (image_id,)).rowcount == 1
+
+  def lookup(self, image_id: str) -> list[tuple[str, str]]:
+    """[(split, caption)] in source order; marks the image as used."""
+    rows = self.db.execute("SELECT split, text FROM captions WHERE image_id = ? ORDER BY seq",
+                           (image_id,)).fetchall()
+    if rows:
+      self.db.execute("INSERT OR IGNORE INTO used VALUES (?)", (image_id,))
+    return rows
+
+  def unused(self, limit: int = 20) -> tuple[int, int, list[str]]:
+    """(images, captions) never looked up, and some of their ids."""
+    q = "FROM captions WHERE image_id NOT IN (SELECT image_id FROM used)"
+    images, captions = self.db.execute(f"SELECT COUNT(DISTINCT image_id), COUNT(*) {q}").fetchone()
+    ids = [r[0] for r in self.db.execute(f"SELECT DISTINCT image_id {q} LIMIT ?", (limit,))]
+    return images, captions, ids
+
+  def close(self) -> None:
+    self.db.close()
+    if os.path.exists(self.path):
+      os.remove(self.path)

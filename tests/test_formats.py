@@ -1,0 +1,219 @@
+"""Building datasets from files written here in the public formats, good and bad."""
+
+import base64
+import glob
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+from imagebert_jax.data import build as build_lib
+from imagebert_jax.data import pipeline, records
+from imagebert_jax.data.regionfile import RegionFileWriter, RegionRecord
+from imagebert_jax.data.tokenizer import special_ids, write_vocab
+
+D = 8  # feature dimension of these small files
+
+
+def b64(a, dtype):
+  return base64.b64encode(np.ascontiguousarray(a, dtype=dtype).tobytes()).decode()
+
+
+def boxes(rng, n):
+  xy = rng.uniform(0, 100, (n, 2))
+  return np.concatenate([xy, xy + rng.uniform(5, 50, (n, 2))], 1)
+
+
+def bua_line(image_id, n, rng, *, dim=D, w=200, h=150, feats=None, box_field=None, n_field=None):
+  """One line of bottom-up-attention's generate_tsv.py output."""
+  feats = rng.uniform(0, 3, (n, dim)) if feats is None else feats
+  return "\t".join([str(image_id), str(w), str(h), str(n if n_field is None else n_field),
+                    box_field or b64(boxes(rng, n), np.float32), b64(feats, np.float32)])
+
+
+def d2_line(image_id, n, rng, dim=D):
+  """One line of the detectron2 variant (img_id, img_h, img_w, objects..., boxes, features)."""
+  return "\t".join([str(image_id), "150", "200", b64(np.arange(n) % 5, np.int64),
+                    b64(np.linspace(0.9, 0.3, n), np.float32), b64(np.arange(n) % 3, np.int64),
+                    b64(np.full(n, 0.5), np.float32), str(n), b64(boxes(rng, n), np.float32),
+                    b64(rng.uniform(0, 3, (n, dim)), np.float32)])
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("vocab") / "vocab.txt")
+  write_vocab(path, ["a", "dog", "cat", "red", "on", "grass", "photo", "of", "the"])
+  return path
+
+
+def spec(tmp, vocab, regions, captions, source="jsonl", **kw):
+  base = dict(name="t", out_dir=str(tmp / "out"), regions=regions, captions=captions,
+              caption_source=source, vocab_file=vocab, max_text_len=8, feature_dim=D,
+              min_boxes=2, max_boxes=12, log_every=0)
+  base.update(kw)
+  return build_lib.BuildSpec(**base)
+
+
+def jsonl(path, rows):
+  with open(path, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+
+
+def read_all(out_dir, vocab, split="train"):
+  ids = special_ids(vocab)
+  cfg = pipeline.PipelineConfig(data_dir=out_dir, split=split, batch_size=1, max_text_len=8,
+                                max_regions=12, pad_id=ids.pad_id, sep_id=ids.sep_id)
+  import tensorflow_datasets as tfds
+  b = tfds.builder_from_directory(out_dir)
+  return list(tfds.as_numpy(b.as_dataset(split=split))), cfg
+
+
+def test_bua_tsv_with_every_kind_of_bad_input(tmp_path, vocab, caplog):
+  rng = np.random.default_rng(0)
+  good_feats = rng.uniform(0, 3, (4, D))
+  lines = [
+      bua_line("100", 4, rng, feats=good_feats),                    # line 1: good
+      bua_line("101", 3, rng),                                      # line 2: good
+      bua_line("102", 3, rng, box_field="@@not base64@@"),          # line 3: bad base64
+      bua_line("103", 3, rng, n_field=5),                           # line 4: num_boxes mismatch
+      bua_line("104", 3, rng, dim=D + 1),                           # line 5: wrong feature dim
+      bua_line("105", 0, rng, feats=np.zeros((0, D))),              # line 6: no boxes
+      bua_line("100", 2, rng),                                      # line 7: duplicate id
+      bua_line("106", 3, rng),                                      # line 8: no captions
+      bua_line("107", 15, rng),                                     # line 9: 15 > 12 boxes
+  ]
+  truncated = bua_line("108", 3, rng)[:-20]                          # line 10: cut off
+  path = tmp_path / "feats.tsv"
+  path.write_text("\n".join(lines) + "\n" + truncated)
+  caps = tmp_path / "caps.jsonl"
+  jsonl(caps, [{"image_id": "100", "caption": "a red dog"}, {"image_id": "100", "caption": "a dog"},
+               {"image_id": "101", "caption": "a cat on the grass"},
+               {"image_id": "107", "caption": "photo of a cat"},
+               {"image_id": "999", "caption": "a cat"},             # unknown image
+               {"image_id": "101", "caption": "   "}])              # empty caption
+  with caplog.at_level("WARNING"):
+    info = build_lib.build_dataset(spec(tmp_path, vocab, [str(path)], [str(caps)]))
+  assert info["splits"]["train"] == {"records": 3, "pairs": 4}
+  assert info["options"]["has_object_labels"] is False  # MOC will be off, and it was said
+  assert any("masked object classification will be turned off" in r.message
+             for r in caplog.records)
+  want = {"bad_base64": 1, "num_boxes_mismatch": 1, "feature_dim": 1, "no_boxes": 1,
+          "duplicate_image_id": 1, "image_without_captions": 1, "too_many_boxes": 1,
+          "truncated_file": 1, "captions_without_image": 1, "empty_caption": 1}
+  assert info["skipped"] == want
+  text = "\n".join(r.message for r in caplog.records)
+  for needle in ("feats.tsv line 3 (image 102)", "feats.tsv line 4 (image 103)",
+                 "feats.tsv line 5 (image 104)", "feats.tsv line 6 (image 105)",
+                 "feats.tsv line 10", "feats.tsv line 7 (image 100): a second set", "feats.tsv line 8 (image 106)",
+                 "feats.tsv line 9 (image 107): 15 boxes",
+                 "caps.jsonl line 6", "images 999"):
+    assert needle in text, needle
+  examples, _ = read_all(str(tmp_path / "out"), vocab)
+  by_id = {e["image_id"].decode(): e for e in examples}
+  assert set(by_id) == {"100", "101", "107"}
+  np.testing.assert_array_equal(by_id["100"]["features"], good_feats.astype(np.float16))
+  assert by_id["107"]["features"].shape == (12, D)  # cut to the maximum
+  assert (by_id["100"]["object_id"] == -1).all()
+  assert list(by_id["100"]["caption_lengths"]) == [5, 4]  # [CLS] a red dog [SEP], [CLS] a dog [SEP]
+
+
+def test_detectron2_tsv_keeps_labels_and_attributes(tmp_path, vocab):
+  rng = np.random.default_rng(1)
+  path = tmp_path / "d2.tsv"
+  path.write_text(d2_line("7", 6, rng) + "\n")
+  caps = tmp_path / "caps.jsonl"
+  jsonl(caps, [{"image_id": "7", "caption": "a dog"}])
+  info = build_lib.build_dataset(spec(tmp_path, vocab, [str(path)], [str(caps)],
+                                      conf_threshold=0.5))
+  assert info["options"]["has_object_labels"] is True
+  (ex,), _ = read_all(str(tmp_path / "out"), vocab)
+  # Confidences 0.9 .. 0.3 in 6 steps: 0.9, 0.78, 0.66, 0.54 pass 0.5; best first.
+  np.testing.assert_allclose(ex["object_conf"], [0.9, 0.78, 0.66, 0.54], rtol=1e-5)
+  np.testing.assert_array_equal(ex["object_id"], [0, 1, 2, 3])
+  assert (ex["image_w"], ex["image_h"]) == (200, 150)
+
+
+def test_uniter_npz_with_karpathy_captions(tmp_path, vocab):
+  rng = np.random.default_rng(2)
+  npz_dir = tmp_path / "img_db"
+  npz_dir.mkdir()
+  for cocoid in (9, 25):
+    n = 5
+    soft = rng.dirichlet(np.ones(7), size=n)
+    np.savez(npz_dir / f"coco_val2014_{cocoid:012d}.npz", features=rng.normal(size=(n, D)),
+             norm_bb=rng.uniform(0, 1, (n, 7)), conf=soft[:, 1:].max(1), soft_labels=soft)
+  (npz_dir / "coco_val2014_000000000031.npz").write_bytes(b"not a zip file")
+  karpathy = {"dataset": "coco", "images": [
+      {"cocoid": 9, "filename": "COCO_val2014_000000000009.jpg", "split": "test",
+       "sentences": [{"raw": "A dog on the grass."}, {"raw": "A red dog."}]},
+      {"cocoid": 25, "filename": "COCO_val2014_000000000025.jpg", "split": "restval",
+       "sentences": [{"raw": "A cat."}]},
+      {"cocoid": 31, "filename": "COCO_val2014_000000000031.jpg", "split": "train",
+       "sentences": [{"raw": "The cat."}]}]}
+  caps = tmp_path / "dataset_coco.json"
+  caps.write_text(json.dumps(karpathy))
+  info = build_lib.build_dataset(spec(tmp_path, vocab, [str(npz_dir)], [str(caps)], "karpathy",
+                                      image_id_mode="trailing_int", class_probs_dim=6))
+  assert info["splits"]["test"] == {"records": 1, "pairs": 2}
+  assert info["splits"]["restval"] == {"records": 1, "pairs": 1}
+  assert info["splits"]["train"] == {"records": 0, "pairs": 0}
+  assert info["skipped"] == {"unreadable_file": 1, "captions_without_image": 1}
+  (ex,), _ = read_all(str(tmp_path / "out"), vocab, "test")
+  z = np.load(npz_dir / "coco_val2014_000000000009.npz")
+  order = np.argsort(-z["conf"], kind="stable")
+  np.testing.assert_array_equal(ex["object_id"], z["soft_labels"][order, 1:].argmax(1))
+  np.testing.assert_allclose(ex["boxes"], z["norm_bb"][order, :4], rtol=1e-6)
+  assert ex["class_probs"].shape == (5, 6)
+  assert ex["image_id"] == b"9"
+
+
+def test_cc_and_sbu_caption_ids(tmp_path, vocab):
+  rng = np.random.default_rng(3)
+  regions = tmp_path / "r.ibrf"
+  with RegionFileWriter(str(regions)) as w:
+    for image_id in ("0", "2", "4385058960"):
+      w.write(RegionRecord(image_id=image_id, image_w=10, image_h=10, boxes=boxes(rng, 3),
+                           features=rng.normal(size=(3, D)).astype(np.float16),
+                           object_id=np.zeros(3, np.int32), object_conf=np.ones(3, np.float32)))
+  cc = tmp_path / "Train_GCC-training.tsv"
+  cc.write_text("a dog\thttp://x/1.jpg\n\thttp://x/2.jpg\na cat\thttp://x/3.jpg\n")
+  info = build_lib.build_dataset(spec(tmp_path, vocab, [str(regions)], [str(cc)], "cc",
+                                      name="cc", out_dir=str(tmp_path / "cc")))
+  # Line 1 -> image "0"; line 2 is empty; line 3 -> image "2".
+  assert info["splits"]["train"]["records"] == 2
+  assert info["skipped"]["empty_caption"] == 1
+  caps = tmp_path / "SBU_captioned_photo_dataset_captions.txt"
+  urls = tmp_path / "SBU_captioned_photo_dataset_urls.txt"
+  caps.write_text("a red dog\n")
+  urls.write_text("http://static.flickr.com/2723/4385058960_b0f291553e.jpg\n")
+  info = build_lib.build_dataset(spec(tmp_path, vocab, [str(regions)], [str(caps), str(urls)],
+                                      "sbu", name="sbu", out_dir=str(tmp_path / "sbu")))
+  assert info["splits"]["train"]["records"] == 1
+
+
+def test_sharded_build_equals_one_shard_and_is_deterministic(tmp_path, vocab):
+  rng = np.random.default_rng(4)
+  path = tmp_path / "f.tsv"
+  path.write_text("".join(bua_line(str(i), 3, rng) + "\n" for i in range(20)))
+  caps = tmp_path / "c.jsonl"
+  jsonl(caps, [{"image_id": str(i), "caption": "a dog"} for i in range(20)])
+  one = build_lib.build_dataset(spec(tmp_path, vocab, [str(path)], [str(caps)],
+                                     out_dir=str(tmp_path / "one")))
+  again = build_lib.build_dataset(spec(tmp_path, vocab, [str(path)], [str(caps)],
+                                       out_dir=str(tmp_path / "again")))
+  digest = lambda d: hashlib.sha256(open(glob.glob(f"{d}/t-train.tfrecord-*")[0], "rb").read())
+  assert digest(tmp_path / "one").digest() == digest(tmp_path / "again").digest()
+  sharded = str(tmp_path / "sharded")
+  build_lib.build_dataset(spec(tmp_path, vocab, [str(path)], [str(caps)], out_dir=sharded,
+                               shard_index=1, num_shards=2))
+  with pytest.raises(ValueError, match=r"lacks build shards \[0\] of 2"):
+    build_lib.finalize_dataset(spec(tmp_path, vocab, [], [], out_dir=sharded, num_shards=2))
+  build_lib.build_dataset(spec(tmp_path, vocab, [str(path)], [str(caps)], out_dir=sharded,
+                               shard_index=0, num_shards=2))
+  info = build_lib.finalize_dataset(spec(tmp_path, vocab, [], [], out_dir=sharded, num_shards=2))
+  assert info["splits"]["train"] == one["splits"]["train"] == {"records": 20, "pairs": 20}
+  examples, _ = read_all(sharded, vocab)
+  assert sorted(e["image_id"].decode() for e in examples) == sorted(str(i) for i in range(20))
