@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -44,6 +45,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation in
 _STAGE = flags.DEFINE_string("stage", "pretrain", "The stage whose objective and optimizer run.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 30522, "Vocabulary size when the config leaves it 0.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s for MFU (0: known accelerators).")
+_MODES = flags.DEFINE_list("modes", ["train", "score"], "What to time: train, score.")
+_TILE = flags.DEFINE_string("score_tile", "8x128", "Scoring tile: images x captions per step.")
 
 
 def flops_per_sample(cfg: ModelConfig, text_words: int, mlm_rate: float = 0.15) -> dict:
@@ -110,12 +113,7 @@ def _memory(device, compiled) -> tuple[float | None, str]:
 
 
 def bench_train(config, batch_size: int, steps: int, warmup: int, stage: str) -> dict[str, Any]:
-  model_cfg = ModelConfig.from_config(config.model)
-  if model_cfg.vocab_size == 0:
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=_VOCAB.value)
-  if jax.default_backend() == "cpu" and model_cfg.dtype != "float32":
-    model_cfg = dataclasses.replace(model_cfg, dtype="float32")
-  model_cfg.validate()
+  model_cfg = _model_config(config)
   obj = _objective(config, model_cfg, stage)
   text_words = model_cfg.max_text_len - 2
   mesh = parallel.make_mesh(tuple(config.mesh.shape))
@@ -162,6 +160,60 @@ def bench_train(config, batch_size: int, steps: int, warmup: int, stage: str) ->
   }
 
 
+def bench_score(config, tile: tuple[int, int], steps: int, warmup: int) -> dict[str, Any]:
+  """Cross-encoder scoring throughput, the way evaluation runs: a split on the devices, tiles of
+  images x captions formed by indexing there."""
+  from imagebert_jax import evaluate
+  model_cfg = _model_config(config)
+  mesh = parallel.make_mesh(tuple(config.mesh.shape))
+  rules = parallel.rules_from_config(config.mesh.rules)
+  graphdef, params = state_lib.create_params(model_cfg, mesh, rules, seed=0)
+  ti, tc = tile
+  n_img, n_cap = 4 * ti, 4 * tc
+  rng = np.random.default_rng(0)
+  obj = _objective(config, model_cfg, "")
+  words = model_cfg.max_text_len - 2
+  text = rng.integers(*obj.random_token_range, size=(n_cap, model_cfg.max_text_len))
+  text[:, 0], text[:, words + 1] = obj.cls_id, obj.sep_id
+  arrays = tuple(evaluate._replicated(x, mesh) for x in (
+      rng.uniform(0, 2, (n_img, model_cfg.max_regions, model_cfg.region_feature_dim)).astype(
+          np.float16),
+      rng.uniform(0, 1, (n_img, model_cfg.max_regions, 5)).astype(np.float32),
+      np.full((n_img,), model_cfg.max_regions, np.int32), text.astype(np.int32)))
+  scorer = evaluate.make_scorer(graphdef, mesh, rules, tile_images=ti, tile_captions=tc,
+                                pad_id=obj.pad_id)
+  tiles = [(i, j) for i in range(0, n_img, ti) for j in range(0, n_cap, tc)]
+  for k in range(warmup):
+    out = scorer(params, arrays, *tiles[k % len(tiles)])
+  jax.block_until_ready(out)
+  start = time.perf_counter()
+  outs = [scorer(params, arrays, *tiles[k % len(tiles)]) for k in range(steps)]
+  jax.block_until_ready(outs)
+  seconds = time.perf_counter() - start
+  pairs_per_s = ti * tc * steps / seconds
+  flops = flops_per_sample(model_cfg, words, mlm_rate=0.0)["forward"]
+  device = jax.devices()[0]
+  peak = peak_tflops(device)
+  achieved = pairs_per_s * flops / 1e12
+  mem, mem_kind = _memory(device, None)
+  return {"device": f"{device.device_kind} x{jax.device_count()}", "jax": jax.__version__,
+          "dtype": model_cfg.dtype, "batch": ti * tc, "positions": model_cfg.seq_len,
+          "step_ms": 1000 * seconds / steps, "pairs_per_s": pairs_per_s,
+          "achieved_tflops": achieved, "mfu": achieved / peak if peak else None,
+          "peak_mem_gib": mem, "mem_kind": mem_kind, "params": parallel.tree_size(params),
+          "flickr30k_1k_minutes": 5_000_000 / pairs_per_s / 60}
+
+
+def _model_config(config) -> ModelConfig:
+  model_cfg = ModelConfig.from_config(config.model)
+  if model_cfg.vocab_size == 0:
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=_VOCAB.value)
+  if jax.default_backend() == "cpu" and model_cfg.dtype != "float32":
+    model_cfg = dataclasses.replace(model_cfg, dtype="float32")
+  model_cfg.validate()
+  return model_cfg
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
   cols = [("mode", "{}"), ("device", "{}"), ("dtype", "{}"), ("batch", "{}"),
           ("positions", "{}"), ("step_ms", "{:.1f}"), ("samples_per_s", "{:,.0f}"),
@@ -182,12 +234,23 @@ def main(argv):
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config configs/imagebert_base.py")
   config = _CONFIG.value
-  rows = [dict(mode="train", **bench_train(config, _BATCH.value, _STEPS.value, _WARMUP.value,
-                                           _STAGE.value))]
+  rows = []
+  if "train" in _MODES.value:
+    rows.append(dict(mode="train", **bench_train(config, _BATCH.value, _STEPS.value,
+                                                 _WARMUP.value, _STAGE.value)))
+  if "score" in _MODES.value:
+    ti, tc = (int(x) for x in _TILE.value.split("x"))
+    rows.append(dict(mode="score", **bench_score(config, (ti, tc), _STEPS.value, _WARMUP.value)))
   r = rows[0]
-  print(f"jax {r['jax']}; {r['positions']} positions; attention={r['attention']}, "
-        f"remat={r['remat']}; training FLOPs/sample = {r['train_gflop_per_sample']:.2f} GFLOP "
-        f"(3 x forward matrix products; see imagebert_jax/bench.py); memory: {r['mem_kind']}")
+  print(f"jax {r['jax']}; {r['positions']} positions; attention={config.model.attention_impl}, "
+        f"remat={config.model.remat}; memory: {r['mem_kind']}")
+  for row in rows:
+    if row["mode"] == "train":
+      print(f"train: {row['train_gflop_per_sample']:.2f} GFLOP per sample (3 x forward matrix "
+            "products, see imagebert_jax/bench.py)")
+    else:
+      print(f"score: {row['batch']} pairs per step; the Flickr30k 1K test (5M pairs) would take "
+            f"{row['flickr30k_1k_minutes']:.1f} min")
   print(format_table(rows))
 
 

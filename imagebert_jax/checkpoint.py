@@ -59,15 +59,6 @@ class Checkpointer:
         int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(_as_dict(abstract))))
     return _from_dict(restored["state"])
 
-  def restore_params(self, step: int, abstract_params: Any) -> Any:
-    """Only the parameters of a checkpoint (e.g. to start another stage from them)."""
-    restored = self.manager.restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item={"params": abstract_params},
-            restore_args=jax.tree.map(_restore_args, {"params": abstract_params}),
-            partial_restore=True)))
-    return restored["state"]["params"]
-
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
@@ -79,3 +70,68 @@ class Checkpointer:
 def _restore_args(abstract) -> ocp.ArrayRestoreArgs:
   return ocp.ArrayRestoreArgs(sharding=abstract.sharding, global_shape=abstract.shape,
                               dtype=abstract.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Starting from another run's parameters.
+# ------------------------------------------------------------------------------------------------
+def state_dir(path: str) -> str:
+  """The saved train state inside `path`: a CheckpointManager folder (its newest step), a step
+  folder, or the state folder itself. Raises FileNotFoundError naming the path."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "state")):
+    return os.path.join(path, "state")
+  if os.path.isdir(path):
+    steps = sorted((int(d) for d in os.listdir(path) if d.isdigit()
+                    and os.path.isdir(os.path.join(path, d, "state"))), reverse=True)
+    if steps:
+      return os.path.join(path, str(steps[0]), "state")
+    if os.path.exists(os.path.join(path, "_METADATA")) or os.path.exists(
+        os.path.join(path, "manifest.ocdbt")):
+      return path
+  raise FileNotFoundError(f"{path}: no checkpoint there")
+
+
+def _flat(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat(v, prefix + (str(k),)))
+    return out
+  return {prefix: tree}
+
+
+def _nest(flat: dict[tuple, Any], like: Any, prefix: tuple = ()) -> Any:
+  """Rebuilds `like`'s structure (and key types) from a flat dict keyed by string paths."""
+  if isinstance(like, dict):
+    return {k: _nest(flat, v, prefix + (str(k),)) for k, v in like.items()}
+  return flat[prefix]
+
+
+def load_params(path: str, abstract_params: Any) -> tuple[dict[tuple, Any], list[str], list[str]]:
+  """Restores the parameters of a checkpoint that the target also has, with the target's
+  shardings. Returns (restored leaves by path, target paths the checkpoint lacks, checkpoint
+  paths the target lacks). A parameter whose shape differs is an error naming it."""
+  directory = state_dir(path)
+  checkpointer = ocp.PyTreeCheckpointer()
+  meta = checkpointer.metadata(directory).item_metadata.tree
+  if "params" not in meta:
+    raise ValueError(f"{directory}: the checkpoint holds no 'params'")
+  source = _flat(meta["params"])
+  target = _flat(abstract_params)
+  bad = [f"{'/'.join(p)}: checkpoint {tuple(source[p].shape)}, model {tuple(target[p].shape)}"
+         for p in target if p in source and tuple(source[p].shape) != tuple(target[p].shape)]
+  if bad:
+    raise ValueError(f"{directory}: parameter shapes differ from the model's: {'; '.join(bad)}")
+  common = {p: target[p] for p in target if p in source}
+  missing = sorted("/".join(p) for p in target if p not in source)
+  unexpected = sorted("/".join(p) for p in source if p not in target)
+  item: dict = {}
+  for p, a in common.items():
+    node = item.setdefault("params", {})
+    for k in p[:-1]:
+      node = node.setdefault(k, {})
+    node[p[-1]] = a
+  restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=jax.tree.map(_restore_args, item), partial_restore=True))
+  return _flat(restored["params"]), missing, unexpected

@@ -82,3 +82,31 @@ def pretrain_stage(data: ConfigDict, *, batch_size: int, num_steps: int,
       kind="pretrain", data=data, objective=objective_default(),
       optim=optim_default(learning_rate), train=train_default(batch_size, num_steps),
       init=ConfigDict(dict(from_stage="", checkpoint="", bert=""))))
+
+
+def retrieval_objective_default() -> ConfigDict:
+  """The paper's three fine-tuning losses, combined, with online hard negatives."""
+  return ConfigDict(dict(bce_weight=1.0, softmax_weight=1.0, triplet_weight=1.0, margin=0.2,
+                         num_candidates=16, num_hard=3))
+
+
+def finetune_stage(data: ConfigDict, *, from_stage: str = "", checkpoint: str = "",
+                   batch_size: int = 24, num_steps: int = 50_000,
+                   learning_rate: float = 5e-5) -> ConfigDict:
+  """Retrieval fine-tuning: batch 24, lr 5e-5 as in the paper."""
+  optim = optim_default(learning_rate)
+  optim.warmup_steps = min(1000, num_steps // 10)
+  return ConfigDict(dict(
+      kind="finetune", data=data, objective=retrieval_objective_default(), optim=optim,
+      train=train_default(batch_size, num_steps),
+      init=ConfigDict(dict(from_stage=from_stage, checkpoint=checkpoint, bert=""))))
+
+
+def evaluate_stage(data: ConfigDict, *, from_stage: str = "", checkpoint: str = "",
+                   protocol: str = "full") -> ConfigDict:
+  """All-pairs retrieval evaluation of the split `data.eval_split`."""
+  return ConfigDict(dict(
+      kind="evaluate", data=data,
+      eval=ConfigDict(dict(protocol=protocol, tile_images=8, tile_captions=128,
+                           chunk_images=64, max_images=0, progress=True)),
+      init=ConfigDict(dict(from_stage=from_stage, checkpoint=checkpoint, bert=""))))

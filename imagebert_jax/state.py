@@ -47,16 +47,23 @@ def _model_factory(model_cfg: ModelConfig, seed: int) -> Callable[[], ImageBert]
   return lambda: ImageBert(model_cfg, rngs=nnx.Rngs(seed))
 
 
-def state_spec(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-               rules: parallel.Rules, seed: int = 0) -> StateSpec:
-  """Shapes and shardings of the train state, computed without allocating it."""
+def params_spec(model_cfg: ModelConfig, mesh: Mesh, rules: parallel.Rules,
+                seed: int = 0) -> tuple[Any, Any, Any]:
+  """(graphdef, abstract params as ShapeDtypeStructs, their PartitionSpecs), nothing allocated."""
   with jax.set_mesh(mesh):
     abstract_model = nnx.eval_shape(_model_factory(model_cfg, seed))
   graphdef, abstract_params = nnx.split(abstract_model)
   pspecs = parallel.param_specs(abstract_params, rules, mesh)
-  params_shape = nnx.to_pure_dict(jax.tree.map(
+  shapes = nnx.to_pure_dict(jax.tree.map(
       lambda v: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype), abstract_params,
       is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  return graphdef, shapes, pspecs
+
+
+def state_spec(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+               rules: parallel.Rules, seed: int = 0) -> StateSpec:
+  """Shapes and shardings of the train state, computed without allocating it."""
+  graphdef, params_shape, pspecs = params_spec(model_cfg, mesh, rules, seed)
   opt_shape = jax.eval_shape(tx.init, params_shape)
   opt_specs = optax.tree_map_params(tx, lambda _, spec: spec, opt_shape, pspecs,
                                     transform_non_params=lambda _: P(),
@@ -71,6 +78,20 @@ def state_spec(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: M
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           shapes, shardings)
   return StateSpec(graphdef, abstract, shardings, mesh, rules)
+
+
+def create_params(model_cfg: ModelConfig, mesh: Mesh, rules: parallel.Rules,
+                  seed: int = 0) -> tuple[Any, Any]:
+  """(graphdef, freshly initialised parameters created already sharded)."""
+  graphdef, _, pspecs = params_spec(model_cfg, mesh, rules, seed)
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), pspecs,
+                           is_leaf=lambda x: isinstance(x, P))
+
+  def init():
+    return nnx.to_pure_dict(nnx.state(_model_factory(model_cfg, seed)(), nnx.Param))
+
+  with jax.set_mesh(mesh), parallel.logical_rules(rules):
+    return graphdef, jax.jit(init, out_shardings=shardings)()
 
 
 def create_state(spec: StateSpec, model_cfg: ModelConfig, tx: optax.GradientTransformation,

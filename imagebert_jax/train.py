@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -22,6 +23,7 @@ from imagebert_jax import optim, parallel
 from imagebert_jax import state as state_lib
 from imagebert_jax.model import ModelConfig
 from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss
+from imagebert_jax.objectives.retrieval import RetrievalObjective, retrieval_loss
 
 DONE_FILE = "DONE.json"
 
@@ -120,12 +122,52 @@ def mark_done(workdir: str, name: str, info: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
+def objective_for(kind: str, obj_cfg: ml_collections.ConfigDict, ids):
+  """The stage's static objective: PretrainObjective or RetrievalObjective."""
+  if kind == "pretrain":
+    return pretrain_objective(obj_cfg, ids)
+  values = obj_cfg.to_dict()
+  known = {f.name for f in dataclasses.fields(RetrievalObjective)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"config.objective: unknown keys {unknown}")
+  obj = RetrievalObjective(pad_id=ids.pad_id, **values)
+  obj.validate()
+  return obj
+
+
+def init_source(stage: ml_collections.ConfigDict, workdir: str) -> str:
+  """The checkpoint a stage starts from ('' for none): init.checkpoint, or init.from_stage's."""
+  init = stage.init
+  if init.checkpoint:
+    return init.checkpoint
+  if init.from_stage:
+    return os.path.join(workdir, init.from_stage, "checkpoints")
+  return ""
+
+
+def initial_params(name: str, source: str, abstract_params: Any, fresh: Any) -> Any:
+  """`fresh` with every parameter that `source` has replaced by the saved one; the model's
+  parameters that the source lacks keep their fresh initialisation and are listed in the log."""
+  restored, missing, unexpected = ckpt_lib.load_params(source, abstract_params)
+  logging.info("[%s] starting from %s: %d parameters restored", name, source, len(restored))
+  if missing:
+    logging.warning("[%s] not in %s, freshly initialised: %s", name, source, ", ".join(missing))
+  if unexpected:
+    logging.info("[%s] in %s but not in the model, ignored: %s", name, source,
+                 ", ".join(unexpected))
+  flat = ckpt_lib._flat(fresh)
+  flat.update(restored)
+  return ckpt_lib._nest(flat, fresh)
+
+
 # ------------------------------------------------------------------------------------------------
-# Pretraining.
+# Training stages: pretraining and retrieval fine-tuning share this loop.
 # ------------------------------------------------------------------------------------------------
-def pretrain(config: ml_collections.ConfigDict, name: str, workdir: str) -> dict:
-  """Runs (or resumes) one pretraining stage; returns its final metrics."""
+def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> dict:
+  """Runs (or resumes) one training stage; returns its summary."""
   stage = config.stages[name]
+  kind = stage.kind
   stage_dir = os.path.join(workdir, name)
   os.makedirs(stage_dir, exist_ok=True)
   tcfg = stage.train
@@ -137,8 +179,9 @@ def pretrain(config: ml_collections.ConfigDict, name: str, workdir: str) -> dict
   data_dir, vocab = prepare_data(config, stage.data, workdir)
   ids = special_ids(vocab)
   model_cfg = model_config(config, ids.vocab_size)
-  obj = pretrain_objective(stage.objective, ids)
-  if not records.read_info(data_dir)["options"].get("has_object_labels", True) and obj.moc_weight:
+  obj = objective_for(kind, stage.objective, ids)
+  if kind == "pretrain" and obj.moc_weight and not records.read_info(data_dir)["options"].get(
+      "has_object_labels", True):
     logging.warning("[%s] %s has no object class labels (its region features came without "
                     "them): masked object classification is off for this stage", name, data_dir)
     obj = dataclasses.replace(obj, moc_weight=0.0)
@@ -147,34 +190,40 @@ def pretrain(config: ml_collections.ConfigDict, name: str, workdir: str) -> dict
       max_text_len=model_cfg.max_text_len, max_regions=model_cfg.max_regions,
       pad_id=ids.pad_id, sep_id=ids.sep_id, seed=config.seed,
       shuffle_buffer=stage.data.shuffle_buffer, pair_shuffle_buffer=stage.data.pair_shuffle_buffer,
-      with_class_probs=obj.moc_loss == "kl", threadpool_size=stage.data.threadpool_size,
-      ram_budget_gb=stage.data.ram_budget_gb, prefetch=stage.data.prefetch)
+      with_class_probs=kind == "pretrain" and obj.moc_loss == "kl",
+      threadpool_size=stage.data.threadpool_size, ram_budget_gb=stage.data.ram_budget_gb,
+      prefetch=stage.data.prefetch)
 
   # ---- Mesh, model, optimizer ---------------------------------------------------------------
   mesh, rules = make_mesh(config)
   tx, schedule = optim.make_optimizer(stage.optim, tcfg.num_steps)
   spec = state_lib.state_spec(model_cfg, tx, mesh, rules, seed=config.seed)
 
-  # ---- Checkpoint: resume or start ----------------------------------------------------------
+  # ---- Checkpoint: resume, or start (from another stage's parameters when asked) ------------
   checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"),
                                        save_every=tcfg.checkpoint_every,
                                        keep=tcfg.keep_checkpoints)
   latest = checkpointer.latest_step()
   if latest is not None:
-    logging.info("Resuming %s from step %d", name, latest)
+    logging.info("[%s] resuming from step %d", name, latest)
     state = checkpointer.restore(latest, spec.abstract)
   else:
     state = state_lib.create_state(spec, model_cfg, tx, seed=config.seed)
+    source = init_source(stage, workdir)
+    if source:
+      params = initial_params(name, source, spec.abstract.params, state.params)
+      state = state_lib.state_with_params(spec, tx, params)
   state_lib.log_param_count(state.params)
   start_step = int(jax.device_get(state.step))
 
   # ---- Steps ----------------------------------------------------------------------------------
-  train_loss = functools.partial(pretrain_loss, obj=obj, train=True)
-  eval_loss = functools.partial(pretrain_loss, obj=obj, train=False)
+  loss_fn = pretrain_loss if kind == "pretrain" else retrieval_loss
   train_step = state_lib.make_train_step(
-      spec, train_loss, tx, seed=config.seed, grad_accum_steps=tcfg.grad_accum_steps,
-      schedule=schedule, skip_nonfinite=tcfg.skip_nonfinite)
-  eval_step = state_lib.make_eval_step(spec, eval_loss, seed=config.seed + 1)
+      spec, functools.partial(loss_fn, obj=obj, train=True), tx, seed=config.seed,
+      grad_accum_steps=tcfg.grad_accum_steps, schedule=schedule,
+      skip_nonfinite=tcfg.skip_nonfinite)
+  eval_step = state_lib.make_eval_step(spec, functools.partial(loss_fn, obj=obj, train=False),
+                                       seed=config.seed + 1)
 
   def evaluate(params) -> dict[str, float]:
     ecfg = dataclasses.replace(pipe, split=stage.data.eval_split, seed=config.seed)
@@ -195,8 +244,7 @@ def pretrain(config: ml_collections.ConfigDict, name: str, workdir: str) -> dict
   first = last = None
   step = start_step
   while step < tcfg.num_steps:
-    batch = parallel.global_batch(next(batches), mesh, rules)
-    state, step_metrics = train_step(state, batch)
+    state, step_metrics = train_step(state, parallel.global_batch(next(batches), mesh, rules))
     history.append(step_metrics)
     step += 1
     if step % tcfg.log_every == 0 or step == tcfg.num_steps:
@@ -210,7 +258,7 @@ def pretrain(config: ml_collections.ConfigDict, name: str, workdir: str) -> dict
       if in_a_row >= tcfg.max_nonfinite_in_a_row:
         raise FloatingPointError(
             f"[{name}] step {step}: {in_a_row} updates in a row had a non-finite loss or "
-            "gradient (config.stages.{name}.train.max_nonfinite_in_a_row); stopping")
+            f"gradient (config.stages.{name}.train.max_nonfinite_in_a_row); stopping")
     if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.num_steps:
       writer.scalars(step, evaluate(state.params))
     if step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps:
@@ -219,10 +267,69 @@ def pretrain(config: ml_collections.ConfigDict, name: str, workdir: str) -> dict
   writer.scalars(step, final_eval)
   checkpointer.close()
   writer.close()
-  summary = {"final_step": step, "train_first": first, "train_last": last, "eval": final_eval,
-             "chance": {"mlm_accuracy": 1.0 / (ids.random_token_range[1] - ids.random_token_range[0]),
-                        "moc_accuracy": 1.0 / model_cfg.num_object_classes}}
-  print_pretrain_summary(name, summary)
+  summary = {"kind": kind, "final_step": step, "train_first": first, "train_last": last,
+             "eval": final_eval}
+  if kind == "pretrain":
+    summary["chance"] = {
+        "mlm_accuracy": 1.0 / (ids.random_token_range[1] - ids.random_token_range[0]),
+        "moc_accuracy": 1.0 / model_cfg.num_object_classes}
+    print_pretrain_summary(name, summary)
+  mark_done(workdir, name, summary)
+  return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# Retrieval evaluation stage.
+# ------------------------------------------------------------------------------------------------
+def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> dict:
+  """Scores every pair of a split with the cross-encoder; writes scores and metrics."""
+  from imagebert_jax import evaluate as eval_lib
+  from imagebert_jax.data import pipeline
+  from imagebert_jax.data.tokenizer import special_ids
+  stage = config.stages[name]
+  out_dir = os.path.join(workdir, name)
+  os.makedirs(out_dir, exist_ok=True)
+  pipeline.hide_gpus_from_tf()
+  data_dir, vocab = prepare_data(config, stage.data, workdir)
+  ids = special_ids(vocab)
+  model_cfg = model_config(config, ids.vocab_size)
+  mesh, rules = make_mesh(config)
+  graphdef, params = state_lib.create_params(model_cfg, mesh, rules, seed=config.seed)
+  source = init_source(stage, workdir)
+  if source:
+    _, abstract, _ = state_lib.params_spec(model_cfg, mesh, rules)
+    abstract = jax.tree.map(lambda a, p: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                              sharding=p.sharding),
+                            abstract, params)
+    params = initial_params(name, source, abstract, params)
+  else:
+    logging.warning("[%s] no init.from_stage or init.checkpoint: scoring with random weights",
+                    name)
+  ecfg = stage.eval
+  split = eval_lib.load_split(data_dir, stage.data.eval_split, max_text_len=model_cfg.max_text_len,
+                              max_regions=model_cfg.max_regions, pad_id=ids.pad_id,
+                              sep_id=ids.sep_id, max_images=ecfg.max_images or None)
+  logging.info("[%s] %d images x %d captions = %s pairs", name, split.num_images,
+               split.num_captions, f"{split.num_images * split.num_captions:,}")
+  start = time.time()
+  scores = eval_lib.score_all(params, split, graphdef, mesh, rules, out_dir, pad_id=ids.pad_id,
+                              tile_images=ecfg.tile_images, tile_captions=ecfg.tile_captions,
+                              chunk_images=ecfg.chunk_images, progress=ecfg.progress)
+  metrics = eval_lib.protocol_metrics(scores, split.caption_image, split.source_order,
+                                      ecfg.protocol)
+  seconds = time.time() - start
+  extra = {"protocol": ecfg.protocol, "split": stage.data.eval_split,
+           "images": split.num_images, "captions": split.num_captions,
+           "checkpoint": source, "seconds": round(seconds, 2)}
+  eval_lib.write_results(out_dir, scores, split, metrics, extra)
+  writer = metrics_lib.Writer(out_dir, os.path.join(workdir, "metrics.jsonl"), name)
+  writer.scalars(0, {f"retrieval/{k}": v for k, v in metrics.items()})
+  writer.close()
+  if jax.process_index() == 0:
+    print(f"[{name}] {ecfg.protocol} retrieval on {stage.data.eval_split} "
+          f"({split.num_images} images, {split.num_captions} captions, {seconds:.1f}s)\n"
+          + eval_lib.format_metrics({name: metrics}), flush=True)
+  summary = {"kind": "evaluate", "metrics": metrics, **extra}
   mark_done(workdir, name, summary)
   return summary
 
@@ -246,7 +353,7 @@ def print_pretrain_summary(name: str, s: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 # The run.
 # ------------------------------------------------------------------------------------------------
-STAGE_KINDS = {"pretrain": pretrain}
+STAGE_KINDS = {"pretrain": train_stage, "finetune": train_stage, "evaluate": evaluate_stage}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -263,5 +370,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       results[name] = done
       continue
     results[name] = STAGE_KINDS[kind](config, name, workdir)
+  evaluations = {n: r["metrics"] for n, r in results.items() if r.get("kind") == "evaluate"}
+  if evaluations and jax.process_index() == 0:
+    from imagebert_jax.evaluate import format_metrics
+    print("Retrieval (Recall@K in %, RSUM):\n" + format_metrics(evaluations), flush=True)
   return results
 

@@ -3,9 +3,11 @@ Orbax checkpoints -> TensorBoard and metrics.jsonl; and resuming from the latest
 
 import glob
 import importlib.util
+import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from imagebert_jax import metrics as metrics_lib
@@ -32,13 +34,13 @@ def smoke_run(tmp_path_factory):
 def test_demo_writes_metrics_checkpoints_and_events(smoke_run):
   config, workdir, results = smoke_run
   rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  train_rows = [r for r in rows if "loss" in r]
+  train_rows = [r for r in rows if "loss" in r and r["stage"] == "pretrain"]
   assert [r["step"] for r in train_rows] == [4, 8, 12]
   for key in ("mlm_loss", "moc_loss", "mrfr_loss", "itm_loss", "mlm_accuracy", "moc_accuracy",
               "itm_accuracy", "grad_norm", "learning_rate", "steps_per_sec"):
     assert all(isinstance(r[key], float) for r in train_rows), key
-  assert all(r["stage"] == "pretrain" for r in rows)
-  eval_rows = [r for r in rows if "eval/loss" in r]
+  assert [r["stage"] for r in rows if "retrieval/rsum" in r] == ["zero_shot", "finetuned"]
+  eval_rows = [r for r in rows if "eval/loss" in r and r["stage"] == "pretrain"]
   assert eval_rows and eval_rows[-1]["step"] == 12
   ckpts = sorted(int(os.path.basename(p)) for p in
                  glob.glob(os.path.join(workdir, "pretrain", "checkpoints", "*"))
@@ -46,6 +48,18 @@ def test_demo_writes_metrics_checkpoints_and_events(smoke_run):
   assert ckpts == [6, 12]
   assert glob.glob(os.path.join(workdir, "pretrain", "events.out.tfevents.*"))
   assert results["pretrain"]["final_step"] == 12
+  assert results["finetune"]["final_step"] == 6
+  # The evaluations wrote their files; the fine-tuned one scored the fine-tuned checkpoint.
+  for name in ("zero_shot", "finetuned"):
+    out = os.path.join(workdir, name)
+    scores = np.load(os.path.join(out, "scores.npy"))
+    assert scores.shape == (50, 250) and np.isfinite(scores).all()
+    with open(os.path.join(out, "metrics.json")) as f:
+      m = json.load(f)
+    assert set(m) >= {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"}
+  assert results["finetuned"]["checkpoint"].endswith(os.path.join("finetune", "checkpoints"))
+  assert not np.allclose(np.load(os.path.join(workdir, "zero_shot", "scores.npy")),
+                         np.load(os.path.join(workdir, "finetuned", "scores.npy")))
 
 
 def test_rerun_resumes_from_latest_checkpoint(smoke_run):
@@ -58,6 +72,9 @@ def test_rerun_resumes_from_latest_checkpoint(smoke_run):
   # Interrupted after the step-6 checkpoint: the rerun continues from step 6.
   shutil.rmtree(os.path.join(workdir, "pretrain", "checkpoints", "12"))
   os.remove(os.path.join(workdir, "pretrain", train.DONE_FILE))
+  config = load_config("demo", "smoke")
+  config.unlock()
+  config.run = "pretrain"
   train.train_and_evaluate(config, workdir)
   rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))[rows_before:]
   assert [r["step"] for r in rows if "loss" in r] == [8, 12]
@@ -82,6 +99,7 @@ def test_demo_learns(tmp_path):
   config.stages.pretrain.train.eval_every = 0
   config.stages.pretrain.train.checkpoint_every = 300
   config.stages.pretrain.optim.warmup_steps = 30
+  config.run = "pretrain"
   result = train.train_and_evaluate(config, str(tmp_path))["pretrain"]
   first, last, chance = result["train_first"], result["train_last"], result["chance"]
   for key in ("mlm_loss", "moc_loss", "mrfr_loss"):

@@ -170,10 +170,11 @@ def build_dataset(spec: BuildSpec, *, finalize: bool | None = None) -> dict:
 def _write(record: RegionRecord, image_id: str, found, opts, tokenizer, writers) -> None:
   selected = records.select_regions(dataclasses.replace(record, image_id=image_id), opts)
   by_split = collections.defaultdict(list)
-  for split, text in found:
+  for split, text, _ in found:
     by_split[split].append(text)
   for split, texts in by_split.items():
-    example = records.make_example(selected, texts, tokenizer.encode_batch(texts), opts)
+    example = records.make_example(selected, texts, tokenizer.encode_batch(texts), opts,
+                                   source_order=found[0][2])
     writers[split].write(example)
 
 

@@ -178,9 +178,9 @@ class CaptionIndex:
     """True the first time an image's regions come by; False for a duplicate."""
     return self.db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (image_id,)).rowcount == 1
 
-  def lookup(self, image_id: str) -> list[tuple[str, str]]:
-    """[(split, caption)] in source order; marks the image as used."""
-    rows = self.db.execute("SELECT split, text FROM captions WHERE image_id = ? ORDER BY seq",
+  def lookup(self, image_id: str) -> list[tuple[str, str, int]]:
+    """[(split, caption, position in the source)] in source order; marks the image as used."""
+    rows = self.db.execute("SELECT split, text, seq FROM captions WHERE image_id = ? ORDER BY seq",
                            (image_id,)).fetchall()
     if rows:
       self.db.execute("INSERT OR IGNORE INTO used VALUES (?)", (image_id,))

@@ -10,6 +10,8 @@ Fields of a record (N regions after selection, D feature dims, K captions):
   object_conf      float32 [N]      its confidence; 1.0 where the source has none
   attr_id          int32   [N]      only when the source has attributes
   class_probs      float16 [N, C]   only when the source has class distributions (raw bytes)
+  source_order     int64            the position of the image's first caption in the caption
+                                    source (evaluation folds follow it)
   captions         sequence of text, the raw captions
   caption_tokens   int32 [sum of lengths]  WordPiece ids of all captions, concatenated,
                                            each [CLS] ... [SEP] and truncated to the text budget
@@ -56,6 +58,7 @@ def features_dict(opts: RecordOptions):
       "image_id": tfds.features.Text(),
       "image_w": tfds.features.Scalar(np.int32),
       "image_h": tfds.features.Scalar(np.int32),
+      "source_order": tfds.features.Scalar(np.int64),
       "boxes": Tensor(shape=(None, 4), dtype=np.float32),
       "features": Tensor(shape=(None, opts.feature_dim), dtype=np.float16, encoding=raw),
       "object_id": Tensor(shape=(None,), dtype=np.int32),
@@ -91,13 +94,15 @@ def select_regions(record: RegionRecord, opts: RecordOptions) -> RegionRecord:
 
 
 def make_example(record: RegionRecord, captions: Sequence[str],
-                 tokens: Sequence[np.ndarray], opts: RecordOptions) -> dict:
+                 tokens: Sequence[np.ndarray], opts: RecordOptions,
+                 source_order: int = -1) -> dict:
   """The TFDS example dict of one image (regions already selected)."""
   n = record.num_boxes
   ex = {
       "image_id": str(record.image_id),
       "image_w": np.int32(record.image_w),
       "image_h": np.int32(record.image_h),
+      "source_order": np.int64(source_order),
       "boxes": np.asarray(record.boxes, np.float32).reshape(n, 4),
       "features": np.asarray(record.features, np.float16).reshape(n, opts.feature_dim),
       "object_id": (np.asarray(record.object_id, np.int32) if opts.has_object_labels

@@ -1,0 +1,285 @@
+"""All-pairs retrieval evaluation with the cross-encoder, and Recall@K.
+
+Every (image, caption) pair of the split is scored by the matching head. The split's regions and
+captions are put on the devices once; each step scores a tile of images x captions whose pairs are
+formed by indexing on the device (pairs never exist on the host), with the pair dimension sharded
+over all devices of all hosts. Rows of the score matrix are computed in chunks of images; each
+finished chunk is saved, so a preempted evaluation resumes where it stopped.
+
+Outputs in the evaluation's folder: `scores.npy` (images x captions, float32), `caption_image.npy`
+(each caption's image index: the ground truth), `image_ids.json`, and `metrics.json` with R@1/5/10
+both ways and RSUM for the chosen protocol:
+  image->text: an image's rank is the best rank among its captions;
+  text->image: a caption's rank is the rank of its image.
+Protocols: 'full' (the whole split), 'coco1k' (the mean over five folds of 1000 images in the
+order of the caption source, each with its captions; COCO 1K), and 'first1k' (the first 1000
+images: the Flickr30k 1K test is its whole test split, so 'full' is that protocol too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from imagebert_jax import parallel
+
+KS = (1, 5, 10)
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics (NumPy).
+# ------------------------------------------------------------------------------------------------
+def ranks(scores: np.ndarray, caption_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(image->text rank per image, text->image rank per caption), 0-based.
+
+  A rank counts the wrong candidates scoring strictly higher than the right one (for image->text
+  the right one is the image's best-scoring caption), without sorting.
+  """
+  n_img, n_cap = scores.shape
+  own = caption_image[None, :] == np.arange(n_img)[:, None]
+  best = np.max(np.where(own, scores, -np.inf), axis=1)
+  i2t = np.sum((scores > best[:, None]) & ~own, axis=1)
+  right = scores[caption_image, np.arange(n_cap)]
+  t2i = np.sum(scores > right[None, :], axis=0)
+  return i2t, t2i
+
+
+def recall(scores: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
+  i2t, t2i = ranks(scores, caption_image)
+  out = {}
+  for k in KS:
+    out[f"i2t_R@{k}"] = 100.0 * float(np.mean(i2t < k))
+  for k in KS:
+    out[f"t2i_R@{k}"] = 100.0 * float(np.mean(t2i < k))
+  out["rsum"] = sum(out.values())
+  return out
+
+
+def protocol_metrics(scores: np.ndarray, caption_image: np.ndarray, order: np.ndarray,
+                     protocol: str) -> dict[str, float]:
+  """Metrics by protocol; `order` sorts the images as the caption source lists them."""
+  if protocol == "full":
+    return recall(scores, caption_image)
+  if protocol in ("coco1k", "first1k"):
+    folds = 5 if protocol == "coco1k" else 1
+    if len(order) < 1000 * folds:
+      raise ValueError(f"protocol {protocol} needs {1000 * folds} images, the split has "
+                       f"{len(order)}")
+    results = []
+    for f in range(folds):
+      images = order[1000 * f:1000 * (f + 1)]
+      remap = -np.ones(len(order), np.int64)
+      remap[images] = np.arange(len(images))
+      caps = np.nonzero(remap[caption_image] >= 0)[0]
+      results.append(recall(scores[np.ix_(images, caps)], remap[caption_image[caps]]))
+    return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+  raise ValueError(f"unknown protocol {protocol!r}: want full, coco1k or first1k")
+
+
+# ------------------------------------------------------------------------------------------------
+# The split on the devices.
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Split:
+  """A whole evaluation split, host side."""
+
+  region_feat: np.ndarray   # [N, R, D] float16
+  region_loc: np.ndarray    # [N, R, 5]
+  num_regions: np.ndarray   # [N]
+  text_ids: np.ndarray      # [C, T]
+  caption_image: np.ndarray  # [C] image index of each caption
+  image_ids: list[str]
+  source_order: np.ndarray  # [N] the order of the images in the caption source
+
+  @property
+  def num_images(self) -> int:
+    return len(self.image_ids)
+
+  @property
+  def num_captions(self) -> int:
+    return len(self.caption_image)
+
+
+def load_split(data_dir: str, split: str, *, max_text_len: int, max_regions: int, pad_id: int,
+               sep_id: int, max_images: int | None = None) -> Split:
+  """Reads every record of a split (on every process: the devices then get replicated copies)."""
+  import tensorflow_datasets as tfds
+  from imagebert_jax.data import pipeline
+  cfg = pipeline.PipelineConfig(data_dir=data_dir, split=split, batch_size=1,
+                                max_text_len=max_text_len, max_regions=max_regions,
+                                pad_id=pad_id, sep_id=sep_id)
+  builder, info = pipeline.open_dataset(data_dir)
+  if split not in info["splits"]:
+    raise ValueError(f"{data_dir}: no split {split!r}; it has {sorted(info['splits'])}")
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={"captions": tfds.decode.SkipDecoding()})
+  if max_images:
+    ds = ds.take(max_images)
+  ds = ds.map(lambda ex: (pipeline._image_fields(ex, cfg, False), pipeline._caption_ids(ex, cfg),
+                          ex["image_id"], ex.get("source_order", -1)))
+  feats, locs, nregs, texts, owners, ids, orders = [], [], [], [], [], [], []
+  for i, (image, text, image_id, source_order) in enumerate(tfds.as_numpy(ds)):
+    feats.append(image["region_feat"])
+    locs.append(image["region_loc"])
+    nregs.append(image["num_regions"])
+    texts.append(text)
+    owners.append(np.full(len(text), i, np.int32))
+    ids.append(image_id.decode() if isinstance(image_id, bytes) else str(image_id))
+    orders.append(int(source_order) if int(source_order) >= 0 else i)
+  if not feats:
+    raise ValueError(f"{data_dir}: split {split!r} is empty")
+  return Split(np.stack(feats), np.stack(locs), np.asarray(nregs, np.int32),
+               np.concatenate(texts).astype(np.int32), np.concatenate(owners), ids,
+               np.argsort(np.asarray(orders), kind="stable"))
+
+
+def _replicated(x: np.ndarray, mesh) -> jax.Array:
+  sharding = NamedSharding(mesh, P())
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring.
+# ------------------------------------------------------------------------------------------------
+def make_scorer(graphdef: Any, mesh, rules, *, tile_images: int, tile_captions: int,
+                pad_id: int) -> Callable:
+  """Jitted `score(params, split arrays, i0, j0) -> [tile_images, tile_captions]` logits.
+
+  Pairs (i0 + a, j0 + b) are formed on the device and sharded over the batch axes; indices
+  beyond the split are clamped (the caller drops those rows and columns).
+  """
+  pair_spec = parallel.logical_to_spec(("batch",), rules, mesh=mesh)
+
+  def score(params, arrays, i0, j0):
+    feat, loc, nreg, text = arrays
+    a = jnp.arange(tile_images)
+    b = jnp.arange(tile_captions)
+    img = jnp.minimum(i0 + a, feat.shape[0] - 1)
+    cap = jnp.minimum(j0 + b, text.shape[0] - 1)
+    img_idx = jnp.repeat(img, tile_captions)
+    cap_idx = jnp.tile(cap, tile_images)
+    img_idx = jax.lax.with_sharding_constraint(img_idx, NamedSharding(mesh, pair_spec))
+    cap_idx = jax.lax.with_sharding_constraint(cap_idx, NamedSharding(mesh, pair_spec))
+    ids = text[cap_idx]
+    n = nreg[img_idx]
+    region_mask = jnp.arange(feat.shape[1])[None, :] < n[:, None]
+    model = nnx.merge(graphdef, params)
+    logits = model(ids, ids != pad_id, feat[img_idx], loc[img_idx], region_mask)
+    return logits.reshape(tile_images, tile_captions)
+
+  jitted = jax.jit(score)
+
+  def run(params, arrays, i0, j0):
+    with jax.set_mesh(mesh), parallel.logical_rules(rules):
+      return jitted(params, arrays, jnp.int32(i0), jnp.int32(j0))
+
+  run.jitted = jitted
+  return run
+
+
+def score_all(params: Any, split: Split, graphdef: Any, mesh, rules, out_dir: str, *,
+              pad_id: int, tile_images: int = 8, tile_captions: int = 128,
+              chunk_images: int = 64, progress: bool = True) -> np.ndarray:
+  """The [images, captions] score matrix, chunk by chunk, resuming from saved chunks."""
+  chunk_images = max(tile_images, (chunk_images // tile_images) * tile_images)
+  chunks_dir = os.path.join(out_dir, "chunks")
+  os.makedirs(chunks_dir, exist_ok=True)
+  n_img, n_cap = split.num_images, split.num_captions
+  arrays = tuple(_replicated(x, mesh) for x in (split.region_feat, split.region_loc,
+                                                 split.num_regions, split.text_ids))
+  scorer = make_scorer(graphdef, mesh, rules, tile_images=tile_images,
+                       tile_captions=tile_captions, pad_id=pad_id)
+  starts = list(range(0, n_img, chunk_images))
+  done = {s for s in starts if os.path.exists(_chunk_path(chunks_dir, s))}
+  if done:
+    logging.info("Resuming evaluation: %d of %d chunks already scored", len(done), len(starts))
+  total_pairs = n_img * n_cap
+  pairs_left = sum(min(chunk_images, n_img - s) for s in starts if s not in done) * n_cap
+  bar = _progress(total_pairs, total_pairs - pairs_left, enabled=progress)
+  t0 = time.time()
+  for s in starts:
+    if s in done:
+      continue
+    rows = min(chunk_images, n_img - s)
+    tiles = []
+    for i0 in range(s, s + rows, tile_images):
+      row_tiles = [scorer(params, arrays, i0, j0) for j0 in range(0, n_cap, tile_captions)]
+      tiles.append(jnp.concatenate(row_tiles, axis=1))
+    block = np.asarray(jax.device_get(jnp.concatenate(tiles, axis=0)))[:rows, :n_cap]
+    if jax.process_index() == 0:
+      path = _chunk_path(chunks_dir, s)
+      np.save(path + ".tmp.npy", block.astype(np.float32))
+      os.replace(path + ".tmp.npy", path)
+    bar.update(rows * n_cap)
+  bar.close()
+  _barrier("eval_chunks")
+  elapsed = time.time() - t0
+  if pairs_left:
+    logging.info("Scored %s pairs in %.1fs: %.0f pairs/s", f"{pairs_left:,}", elapsed,
+                 pairs_left / max(elapsed, 1e-9))
+  return np.concatenate([np.load(_chunk_path(chunks_dir, s)) for s in starts], axis=0)
+
+
+def _chunk_path(chunks_dir: str, start: int) -> str:
+  return os.path.join(chunks_dir, f"rows-{start:07d}.npy")
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+class _progress:
+  """A tqdm bar showing pairs/s and the time left (process 0 only), or nothing."""
+
+  def __init__(self, total: int, initial: int, enabled: bool):
+    self.bar = None
+    if enabled and jax.process_index() == 0:
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, initial=initial, unit="pairs", unit_scale=True,
+                      desc="scoring", mininterval=2.0, smoothing=0.1)
+
+  def update(self, n: int) -> None:
+    if self.bar is not None:
+      self.bar.update(n)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def write_results(out_dir: str, scores: np.ndarray, split: Split, metrics: dict,
+                  extra: dict) -> None:
+  """scores.npy, caption_image.npy, image_ids.json and metrics.json (process 0)."""
+  if jax.process_index() != 0:
+    return
+  np.save(os.path.join(out_dir, "scores.npy"), scores.astype(np.float32))
+  np.save(os.path.join(out_dir, "caption_image.npy"), split.caption_image.astype(np.int32))
+  with open(os.path.join(out_dir, "image_ids.json"), "w") as f:
+    json.dump(split.image_ids, f)
+  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    json.dump({**metrics, **extra}, f, indent=1)
+  for path in glob.glob(os.path.join(out_dir, "chunks", "*.npy")):
+    os.remove(path)
+
+
+def format_metrics(rows: dict[str, dict[str, float]]) -> str:
+  keys = [f"i2t_R@{k}" for k in KS] + [f"t2i_R@{k}" for k in KS] + ["rsum"]
+  width = max(len(n) for n in rows) + 2
+  lines = [" " * width + "".join(f"{k:>10}" for k in keys)]
+  for name, m in rows.items():
+    lines.append(f"{name:<{width}}" + "".join(f"{m[k]:>10.2f}" for k in keys))
+  return "\n".join(lines)
+

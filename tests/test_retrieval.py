@@ -1,0 +1,187 @@
+"""Retrieval: the fine-tuning losses and mining, Recall@K, and all-pairs scoring with resume."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import PAD, TINY, random_batch
+from imagebert_jax import config_defaults, evaluate, parallel, state as state_lib
+from imagebert_jax.model import ImageBert
+from imagebert_jax.objectives import retrieval as R
+
+RULES = parallel.rules_from_config(config_defaults.DEFAULT_RULES)
+
+
+# ---- Recall@K --------------------------------------------------------------------------------
+def test_recall_hand_worked():
+  # 3 images, 6 captions (two per image: 0,0,1,1,2,2).
+  s = np.array([[0.9, 0.1, 0.8, 0.2, 0.3, 0.0],    # image 0: best own caption (0.9) ranks 1st
+                [0.5, 0.4, 0.3, 0.45, 0.2, 0.1],   # image 1: own best 0.45 is beaten by 0.5 -> 2nd
+                [0.7, 0.6, 0.9, 0.8, 0.1, 0.5]])   # image 2: own best 0.5 beaten by 4 -> 5th
+  owner = np.array([0, 0, 1, 1, 2, 2])
+  i2t, t2i = evaluate.ranks(s, owner)
+  np.testing.assert_array_equal(i2t, [0, 1, 4])
+  # caption 0: image 0 has 0.9, best -> 0; caption 1: 0.1 vs 0.4, 0.6 -> 2; caption 2: 0.3 vs
+  # 0.8, 0.9 -> 2; caption 3: 0.45 vs 0.2, 0.8 -> 1; caption 4: 0.1 vs 0.3, 0.2 -> 2;
+  # caption 5: 0.5 vs 0.0, 0.1 -> 0.
+  np.testing.assert_array_equal(t2i, [0, 2, 2, 1, 2, 0])
+  m = evaluate.recall(s, owner)
+  assert m["i2t_R@1"] == pytest.approx(100 / 3) and m["i2t_R@5"] == 100.0
+  assert m["t2i_R@1"] == pytest.approx(100 * 2 / 6) and m["t2i_R@5"] == 100.0
+  assert m["rsum"] == pytest.approx(sum(v for k, v in m.items() if k != "rsum"))
+
+
+def argsort_ranks(scores, owner):
+  """An independent reference: sort every row and column."""
+  i2t = []
+  for i in range(scores.shape[0]):
+    order = np.argsort(-scores[i])
+    i2t.append(min(np.nonzero(owner[order] == i)[0]))
+  t2i = [int(np.nonzero(np.argsort(-scores[:, j]) == owner[j])[0][0])
+         for j in range(scores.shape[1])]
+  return np.array(i2t), np.array(t2i)
+
+
+def test_ranks_match_sorting_on_random_scores():
+  rng = np.random.default_rng(0)
+  owner = np.repeat(np.arange(40), 5)
+  s = rng.normal(size=(40, 200))
+  for got, want in zip(evaluate.ranks(s, owner), argsort_ranks(s, owner)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_coco1k_is_the_mean_of_five_folds_in_source_order():
+  rng = np.random.default_rng(1)
+  n = 5000
+  owner = np.repeat(np.arange(n), 2)
+  s = rng.normal(size=(n, 2 * n)).astype(np.float32)
+  s[owner, np.arange(2 * n)] += 3.0  # make it easy enough that recalls are not all tiny
+  order = rng.permutation(n)
+  got = evaluate.protocol_metrics(s, owner, order, "coco1k")
+  folds = []
+  for f in range(5):
+    imgs = order[1000 * f:1000 * (f + 1)]
+    caps = np.concatenate([np.nonzero(owner == i)[0] for i in imgs])
+    sub_owner = np.repeat(np.arange(1000), 2)
+    folds.append(evaluate.recall(s[np.ix_(imgs, caps)], sub_owner))
+  for k in got:
+    assert got[k] == pytest.approx(np.mean([f[k] for f in folds]))
+  with pytest.raises(ValueError, match="needs 5000 images"):
+    evaluate.protocol_metrics(s[:100], owner[:200] % 100, order[:100], "coco1k")
+
+
+# ---- Fine-tuning losses ----------------------------------------------------------------------
+def test_group_losses_match_numpy():
+  obj = R.RetrievalObjective(margin=0.2, num_candidates=3, num_hard=3)
+  pos = np.array([2.0, 0.5])
+  neg = np.array([[1.0, 1.5, -1.0], [0.7, 0.0, 3.0]])
+  valid = np.array([[True, True, True], [True, True, False]])  # the 3.0 is not a negative
+  got = R.group_losses(jnp.asarray(pos), jnp.asarray(neg), jnp.asarray(valid), obj)
+  sig = lambda x: 1 / (1 + np.exp(-x))
+  bce = -(np.log(sig(pos)).sum() + np.log(1 - sig(neg[valid])).sum()) / (2 + valid.sum())
+  soft = np.mean([-pos[0] + np.log(np.exp([2.0, 1.0, 1.5, -1.0]).sum()),
+                  -pos[1] + np.log(np.exp([0.5, 0.7, 0.0]).sum())])
+  trip = np.mean([max(0, 0.2 - 2.0 + 1.5), max(0, 0.2 - 0.5 + 0.7)])
+  np.testing.assert_allclose(got["bce"], bce, rtol=1e-5)
+  np.testing.assert_allclose(got["softmax"], soft, rtol=1e-5)
+  np.testing.assert_allclose(got["triplet"], trip, rtol=1e-5)
+  np.testing.assert_allclose(got["rank1_accuracy"], 0.5)
+
+
+def test_candidates_are_never_of_the_same_image():
+  keys = jnp.asarray([5, 5, 7, 8, 8, 8, 9])
+  idx, valid = R.candidates(jax.random.key(0), keys, 6)
+  idx, valid = np.asarray(idx), np.asarray(valid)
+  for i in range(7):
+    chosen = idx[i][valid[i]]
+    assert (np.asarray(keys)[chosen] != int(keys[i])).all()
+    assert len(set(chosen)) == len(chosen)
+  assert valid[0].sum() == 5 and valid[3].sum() == 4  # all the other images there are
+
+
+class TableModel:
+  """A stand-in cross-encoder: score = table[caption id, image id] (ids carried in the inputs)."""
+
+  def __init__(self, table):
+    self.table = jnp.asarray(table)
+
+  def __call__(self, text_ids, text_mask, feat, loc, region_mask, dropout_key=None):
+    return self.table[text_ids[:, 1], feat[:, 0, 0].astype(jnp.int32)]
+
+
+def test_mining_trains_on_the_hardest_candidates():
+  b = 6
+  rng = np.random.default_rng(2)
+  table = rng.normal(size=(b, b)).astype(np.float32)
+  batch = {"text_ids": jnp.asarray(np.stack([[2, i, 3] for i in range(b)]).astype(np.int32)),
+           "region_feat": jnp.asarray(np.arange(b, dtype=np.float32)[:, None, None]
+                                      * np.ones((1, 2, 1), np.float32)),
+           "region_loc": jnp.zeros((b, 2, 5)), "num_regions": jnp.full((b,), 2, jnp.int32),
+           "image_key": jnp.arange(b, dtype=jnp.int32)}
+  obj = R.RetrievalObjective(pad_id=PAD, num_candidates=b - 1, num_hard=2, margin=0.2,
+                             bce_weight=0.0, softmax_weight=0.0, triplet_weight=1.0)
+  loss, _ = R.retrieval_loss(TableModel(table), batch, jax.random.key(0), obj)
+  # With every other entry a candidate, the kept negatives are the 2 highest-scoring ones, so
+  # the triplet term uses the hardest: caption j for image i is table[j, i].
+  pos = np.diag(table)
+  hardest_caption = np.array([max(table[j, i] for j in range(b) if j != i) for i in range(b)])
+  hardest_image = np.array([max(table[i, j] for j in range(b) if j != i) for i in range(b)])
+  want = 0.5 * (np.mean(np.maximum(0, 0.2 - pos + hardest_caption))
+                + np.mean(np.maximum(0, 0.2 - pos + hardest_image)))
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+# ---- All-pairs scoring -----------------------------------------------------------------------
+def _split(rng, n_img=7, caps=3):
+  b = random_batch(rng, n_img, TINY)
+  text = np.concatenate([random_batch(rng, n_img, TINY)["text_ids"] for _ in range(caps)])
+  owner = np.tile(np.arange(n_img), caps).astype(np.int32)
+  return evaluate.Split(b["region_feat"].astype(np.float16), b["region_loc"], b["num_regions"],
+                        text, owner, [str(i) for i in range(n_img)], np.arange(n_img))
+
+
+def test_score_all_matches_pair_by_pair_and_resumes(tmp_path):
+  rng = np.random.default_rng(3)
+  split = _split(rng)
+  mesh = parallel.make_mesh((-1, 1, 1))
+  graphdef, params = state_lib.create_params(TINY, mesh, RULES, seed=0)
+  out = str(tmp_path)
+  scores = evaluate.score_all(params, split, graphdef, mesh, RULES, out, pad_id=PAD,
+                              tile_images=2, tile_captions=8, chunk_images=4, progress=False)
+  model = nnx.merge(graphdef, jax.device_get(params))
+  n_cap = split.num_captions
+  want = np.zeros((split.num_images, n_cap), np.float32)
+  for i in range(split.num_images):
+    mask = np.arange(TINY.max_regions)[None] < split.num_regions[i]
+    feat = np.repeat(split.region_feat[i:i + 1].astype(np.float32), n_cap, 0)
+    loc = np.repeat(split.region_loc[i:i + 1], n_cap, 0)
+    want[i] = model(jnp.asarray(split.text_ids), jnp.asarray(split.text_ids != PAD),
+                    jnp.asarray(feat), jnp.asarray(loc), jnp.asarray(np.repeat(mask, n_cap, 0)))
+  np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-5)
+  # A preempted run: chunk 0 (rows 0-3) is on disk, chunk 4 is not. Mark chunk 0 so we can tell
+  # it was reused rather than recomputed.
+  chunk0 = os.path.join(out, "chunks", "rows-0000000.npy")
+  chunk4 = os.path.join(out, "chunks", "rows-0000004.npy")
+  np.save(chunk0, np.full((4, n_cap), 7.0, np.float32))
+  os.remove(chunk4)
+  again = evaluate.score_all(params, split, graphdef, mesh, RULES, out, pad_id=PAD,
+                             tile_images=2, tile_captions=8, chunk_images=4, progress=False)
+  assert (again[:4] == 7.0).all()
+  np.testing.assert_allclose(again[4:], want[4:], rtol=1e-4, atol=1e-5)
+
+
+def test_write_results_files(tmp_path):
+  rng = np.random.default_rng(4)
+  split = _split(rng, n_img=3, caps=2)
+  scores = rng.normal(size=(3, 6)).astype(np.float32)
+  m = evaluate.recall(scores, split.caption_image)
+  evaluate.write_results(str(tmp_path), scores, split, m, {"protocol": "full"})
+  np.testing.assert_array_equal(np.load(tmp_path / "scores.npy"), scores)
+  np.testing.assert_array_equal(np.load(tmp_path / "caption_image.npy"), split.caption_image)
+  import json
+  saved = json.loads((tmp_path / "metrics.json").read_text())
+  assert saved["i2t_R@1"] == m["i2t_R@1"] and saved["protocol"] == "full"
