@@ -178,7 +178,8 @@ def make_scorer(graphdef: Any, mesh, rules, *, tile_images: int, tile_captions: 
     logits = model(ids, ids != pad_id, feat[img_idx], loc[img_idx], region_mask)
     return logits.reshape(tile_images, tile_captions)
 
-  jitted = jax.jit(score)
+  # The tile comes back replicated: every process can read it (multi-host evaluation).
+  jitted = jax.jit(score, out_shardings=NamedSharding(mesh, P()))
 
   def run(params, arrays, i0, j0):
     with jax.set_mesh(mesh), parallel.logical_rules(rules):

@@ -27,17 +27,22 @@ def test_flops_match_the_reference_formula():
 def test_bench_runs_on_cpu_and_prints_a_table():
   out = subprocess.run(
       [sys.executable, "-m", "imagebert_jax.bench", "--config", "configs/demo.py",
-       "--batch_size", "16", "--steps", "2", "--warmup", "1", "--vocab_size", "64"],
+       "--batch_size", "16", "--steps", "2", "--warmup", "1", "--vocab_size", "64",
+       "--score_tile", "4x8"],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
       env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-2000:]
   lines = out.stdout.strip().splitlines()
-  header = lines[-3].split()
-  row = lines[-1].split()
+  header = lines[-4].split()
   assert header[:3] == ["mode", "device", "dtype"] and "samples_per_s" in header
-  values = dict(zip(header, [row[0], " ".join(row[1:3])] + row[3:]))
-  assert float(values["samples_per_s"].replace(",", "")) > 0
-  assert int(values["params"].replace(",", "")) > 50_000
+  rows = {}
+  for line in lines[-2:]:
+    cells = line.split()
+    rows[cells[0]] = dict(zip(header, [cells[0], " ".join(cells[1:3])] + cells[3:]))
+  assert float(rows["train"]["samples_per_s"].replace(",", "")) > 0
+  assert float(rows["score"]["pairs_per_s"].replace(",", "")) > 0
+  assert rows["score"]["batch"] == "32"  # the 4 x 8 tile
+  assert int(rows["train"]["params"].replace(",", "")) > 50_000
 
 
 def test_model_side_imports_without_tensorflow():
