@@ -9,8 +9,11 @@ appears whole or not at all.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -58,6 +61,27 @@ class Checkpointer:
     restored = self.manager.restore(
         int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(_as_dict(abstract))))
     return _from_dict(restored["state"])
+
+  def restore_latest(self, abstract: TrainState) -> tuple[TrainState | None, int | None]:
+    """The newest checkpoint that restores. A damaged one is moved aside to
+    `../damaged_checkpoints/` with a warning, and the one before it is tried."""
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return self.restore(step, abstract), step
+      except Exception as e:  # noqa: BLE001 - any failure to read it means it is unusable
+        logging.warning("Checkpoint at step %d in %s cannot be restored (%s: %s); using the one "
+                        "before it", step, self.directory, type(e).__name__,
+                        str(e).splitlines()[0][:200] if str(e) else "")
+        self._set_aside(step)
+    return None, None
+
+  def _set_aside(self, step: int) -> None:
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+      os.makedirs(aside, exist_ok=True)
+      os.replace(os.path.join(self.directory, str(step)),
+                 os.path.join(aside, f"{step}-{int(time.time())}"))
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -135,3 +159,46 @@ def load_params(path: str, abstract_params: Any) -> tuple[dict[tuple, Any], list
   restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
       item=item, restore_args=jax.tree.map(_restore_args, item), partial_restore=True))
   return _flat(restored["params"]), missing, unexpected
+
+
+# ------------------------------------------------------------------------------------------------
+# The input pipeline's position, saved beside each checkpoint.
+# ------------------------------------------------------------------------------------------------
+class DataState:
+  """Per-process input-pipeline state and the metrics of the unfinished log interval, one folder
+  per checkpointed step: `<stage>/data_state/<step>/process_<i>/`."""
+
+  def __init__(self, stage_dir: str):
+    self.directory = os.path.join(os.path.abspath(stage_dir), "data_state")
+
+  def _dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(int(step)), f"process_{jax.process_index():05d}")
+
+  def save(self, step: int, iterator: Any, pending_metrics: list[dict]) -> None:
+    final = self._dir(step)
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    iterator.save(os.path.join(tmp, "iterator"))
+    with open(os.path.join(tmp, "pending_metrics.json"), "w") as f:
+      json.dump(pending_metrics, f)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # whole or not at all
+
+  def restore(self, step: int, iterator: Any) -> list[dict] | None:
+    """Restores the iterator; returns the pending metrics, or None when nothing was saved."""
+    folder = self._dir(step)
+    if not os.path.isdir(folder):
+      return None
+    iterator.restore(os.path.join(folder, "iterator"))
+    with open(os.path.join(folder, "pending_metrics.json")) as f:
+      return json.load(f)
+
+  def prune(self, keep_steps: list[int]) -> None:
+    """Removes the states of steps that no longer have a checkpoint."""
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    keep = {str(int(s)) for s in keep_steps}
+    for name in os.listdir(self.directory):
+      if name.isdigit() and name not in keep:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)

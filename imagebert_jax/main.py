@@ -6,6 +6,7 @@ Without --config it runs the synthetic demo (configs/demo.py). Any field can be 
 
 import logging as logging_lib
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -38,7 +39,14 @@ def main(argv):
   logging.info("JAX %s on %s: %d devices, process %d of %d", jax.__version__,
                jax.default_backend(), jax.device_count(), jax.process_index(),
                jax.process_count())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(143)  # 128 + SIGTERM, so supervisors see the run as unfinished
+  except train.ConfigError as e:
+    logging.error("%s", e)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def mean_metrics(history: list[Mapping[str, Any]]) -> dict[str, float]:
     return {}
   fetched = jax.device_get(history)
   keys = fetched[0].keys()
-  return {k: float(np.mean([h[k] for h in fetched])) for k in keys}
+  return {k: float(np.mean([float(h[k]) for h in fetched])) for k in keys}
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -190,8 +190,9 @@ def make_train_step(spec: StateSpec, loss_fn: LossFn, tx: optax.GradientTransfor
     new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt,
                               skipped=state.skipped + bad,
                               skipped_in_a_row=(state.skipped_in_a_row + bad) * bad)
-    metrics = dict(metrics, grad_norm=grad_norm, skipped_updates=new_state.skipped.astype(
-        jnp.float32))
+    metrics = dict(metrics, grad_norm=grad_norm,
+                   skipped_updates=new_state.skipped.astype(jnp.float32),
+                   nonfinite_in_a_row=new_state.skipped_in_a_row.astype(jnp.float32))
     if schedule is not None:
       metrics["learning_rate"] = schedule(state.step)
     return new_state, metrics
@@ -223,6 +224,14 @@ def make_eval_step(spec: StateSpec, loss_fn: LossFn, *, seed: int) -> Callable:
       return jitted(params, batch, index)
 
   return run
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+  """True when every floating-point value of the tree is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def log_param_count(params: Any) -> int:

@@ -11,11 +11,14 @@ import functools
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from imagebert_jax import checkpoint as ckpt_lib
 from imagebert_jax import metrics as metrics_lib
@@ -24,6 +27,7 @@ from imagebert_jax import state as state_lib
 from imagebert_jax.model import ModelConfig
 from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss
 from imagebert_jax.objectives.retrieval import RetrievalObjective, retrieval_loss
+from imagebert_jax.validate import ConfigError, validate
 
 DONE_FILE = "DONE.json"
 
@@ -146,19 +150,77 @@ def init_source(stage: ml_collections.ConfigDict, workdir: str) -> str:
   return ""
 
 
-def initial_params(name: str, source: str, abstract_params: Any, fresh: Any) -> Any:
-  """`fresh` with every parameter that `source` has replaced by the saved one; the model's
-  parameters that the source lacks keep their fresh initialisation and are listed in the log."""
-  restored, missing, unexpected = ckpt_lib.load_params(source, abstract_params)
-  logging.info("[%s] starting from %s: %d parameters restored", name, source, len(restored))
-  if missing:
-    logging.warning("[%s] not in %s, freshly initialised: %s", name, source, ", ".join(missing))
-  if unexpected:
-    logging.info("[%s] in %s but not in the model, ignored: %s", name, source,
-                 ", ".join(unexpected))
+def starting_params(name: str, stage: ml_collections.ConfigDict, workdir: str,
+                    model_cfg: ModelConfig, abstract_params: Any, fresh: Any) -> Any | None:
+  """The parameters a stage starts from, or None to keep `fresh` as it is.
+
+  `init.bert` puts a Hugging Face BERT checkpoint into the text embeddings and the encoder;
+  `init.checkpoint` / `init.from_stage` then restore every parameter such a checkpoint has. The
+  model's parameters that no source has keep their fresh initialisation and are listed in the log.
+  """
+  source = init_source(stage, workdir)
+  if not source and not stage.init.bert:
+    return None
   flat = ckpt_lib._flat(fresh)
-  flat.update(restored)
+  if stage.init.bert:
+    from imagebert_jax import bert
+    host = {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
+    flat, filled, left = bert.initial_params(stage.init.bert, model_cfg, host)
+    logging.info("[%s] %d parameters from the BERT checkpoint %s", name, len(filled),
+                 stage.init.bert)
+    if not source:
+      logging.warning("[%s] not in the BERT checkpoint, freshly initialised: %s", name,
+                      ", ".join(left))
+  if source:
+    restored, missing, unexpected = ckpt_lib.load_params(source, abstract_params)
+    logging.info("[%s] starting from %s: %d parameters restored", name, source, len(restored))
+    if missing:
+      logging.warning("[%s] not in %s, %s: %s", name, source,
+                      "from the BERT checkpoint or freshly initialised" if stage.init.bert
+                      else "freshly initialised", ", ".join(missing))
+    if unexpected:
+      logging.info("[%s] in %s but not in the model, ignored: %s", name, source,
+                   ", ".join(unexpected))
+    flat.update(restored)
   return ckpt_lib._nest(flat, fresh)
+
+
+class Preempted(Exception):
+  """Training stopped cleanly on SIGTERM after checkpointing."""
+
+
+class Preemption:
+  """Notes SIGTERM (the preemption signal of cloud VMs); `reached(step)` says when to stop.
+
+  With several processes they agree on the step through JAX's preemption sync point, so every
+  process writes the same checkpoint.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    if not self.requested:
+      logging.warning("Termination signal: checkpointing at the next step boundary")
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except Exception:  # noqa: BLE001 - no preemption service: agree through a collective
+        flags = multihost_utils.process_allgather(np.asarray(self.requested))
+        return bool(np.any(flags))
+    return self.requested
+
+  def restore(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,15 +265,14 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
   checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"),
                                        save_every=tcfg.checkpoint_every,
                                        keep=tcfg.keep_checkpoints)
-  latest = checkpointer.latest_step()
-  if latest is not None:
+  data_state = ckpt_lib.DataState(stage_dir)
+  state, latest = checkpointer.restore_latest(spec.abstract)
+  if state is not None:
     logging.info("[%s] resuming from step %d", name, latest)
-    state = checkpointer.restore(latest, spec.abstract)
   else:
     state = state_lib.create_state(spec, model_cfg, tx, seed=config.seed)
-    source = init_source(stage, workdir)
-    if source:
-      params = initial_params(name, source, spec.abstract.params, state.params)
+    params = starting_params(name, stage, workdir, model_cfg, spec.abstract.params, state.params)
+    if params is not None:
       state = state_lib.state_with_params(spec, tx, params)
   state_lib.log_param_count(state.params)
   start_step = int(jax.device_get(state.step))
@@ -238,31 +299,80 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
   # ---- Loop -----------------------------------------------------------------------------------
   writer = metrics_lib.Writer(stage_dir, os.path.join(workdir, "metrics.jsonl"), name)
   progress = metrics_lib.Progress(tcfg.num_steps, start_step, tcfg.batch_size, f"[{name}] ")
-  batches = pipeline.as_numpy(pipeline.train_dataset(dataclasses.replace(
-      pipe, seed=config.seed + start_step)))
-  history: list[dict] = []
+  batches = pipeline.TrainIterator(pipeline.train_dataset(pipe))
+  history: list[dict] = []  # this log interval's per-step metrics (host values)
+  if start_step:
+    pending = data_state.restore(start_step, batches)
+    if pending is None:
+      logging.warning("[%s] no input-pipeline state saved for step %d: the data order restarts "
+                      "(seeded by the step), so this run will not repeat an uninterrupted one "
+                      "exactly", name, start_step)
+      batches = pipeline.TrainIterator(pipeline.train_dataset(dataclasses.replace(
+          pipe, seed=config.seed + start_step)))
+    else:
+      history = pending
+
+  def save(step: int, state) -> None:
+    if not bool(jax.device_get(state_lib.all_finite(state.params))):
+      raise FloatingPointError(f"[{name}] step {step}: the parameters are not finite; not "
+                               "checkpointing them")
+    data_state.save(step, batches, history)
+    checkpointer.save(step, state, force=True)
+    data_state.prune(checkpointer.all_steps() + [step])
+
+  def check_finite(metrics: dict, step: int) -> None:
+    in_a_row = int(metrics["nonfinite_in_a_row"])
+    if in_a_row and not tcfg.skip_nonfinite:
+      raise FloatingPointError(
+          f"[{name}] step {step}: the loss or the gradients are not finite "
+          f"(config.stages.{name}.train.skip_nonfinite=False); stopping")
+    if in_a_row >= tcfg.max_nonfinite_in_a_row:
+      raise FloatingPointError(
+          f"[{name}] step {step}: {in_a_row} updates in a row had a non-finite loss or gradient "
+          f"and were skipped (config.stages.{name}.train.max_nonfinite_in_a_row="
+          f"{tcfg.max_nonfinite_in_a_row}); stopping")
+
+  preemption = Preemption()
   first = last = None
   step = start_step
-  while step < tcfg.num_steps:
-    state, step_metrics = train_step(state, parallel.global_batch(next(batches), mesh, rules))
-    history.append(step_metrics)
-    step += 1
-    if step % tcfg.log_every == 0 or step == tcfg.num_steps:
-      scalars = metrics_lib.mean_metrics(history)
-      history = []
-      scalars.update(progress.report(step))
-      writer.scalars(step, scalars)
-      first = first or scalars
-      last = scalars
-      in_a_row = int(jax.device_get(state.skipped_in_a_row))
-      if in_a_row >= tcfg.max_nonfinite_in_a_row:
-        raise FloatingPointError(
-            f"[{name}] step {step}: {in_a_row} updates in a row had a non-finite loss or "
-            f"gradient (config.stages.{name}.train.max_nonfinite_in_a_row); stopping")
-    if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.num_steps:
-      writer.scalars(step, evaluate(state.params))
-    if step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps:
-      checkpointer.save(step, state, force=True)
+  previous = None  # the last step's metrics: read one step late so the device never waits
+
+  def take(metrics, at_step):
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    history.append(values)
+    check_finite(values, at_step)
+
+  try:
+    while step < tcfg.num_steps:
+      state, step_metrics = train_step(state, parallel.global_batch(next(batches), mesh, rules))
+      step += 1
+      if previous is not None:
+        take(previous, step - 1)
+      previous = step_metrics
+      stop = preemption.reached(step)
+      log_now = step % tcfg.log_every == 0 or step == tcfg.num_steps
+      save_now = step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps or stop
+      if log_now or save_now:
+        take(previous, step)
+        previous = None
+      if log_now:
+        scalars = metrics_lib.mean_metrics(history)
+        history = []
+        scalars.update(progress.report(step))
+        writer.scalars(step, scalars)
+        first = first or scalars
+        last = scalars
+      if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.num_steps:
+        writer.scalars(step, evaluate(state.params))
+      if save_now:
+        save(step, state)
+      if stop:
+        checkpointer.close()
+        writer.close()
+        raise Preempted(f"[{name}] stopped at step {step} on a termination signal; the "
+                        "checkpoint is written: rerun the same command to resume")
+  finally:
+    preemption.restore()
   final_eval = evaluate(state.params)
   writer.scalars(step, final_eval)
   checkpointer.close()
@@ -296,28 +406,27 @@ def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -
   mesh, rules = make_mesh(config)
   graphdef, params = state_lib.create_params(model_cfg, mesh, rules, seed=config.seed)
   source = init_source(stage, workdir)
-  if source:
-    _, abstract, _ = state_lib.params_spec(model_cfg, mesh, rules)
-    abstract = jax.tree.map(lambda a, p: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                              sharding=p.sharding),
-                            abstract, params)
-    params = initial_params(name, source, abstract, params)
+  abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding),
+                          params)
+  start = starting_params(name, stage, workdir, model_cfg, abstract, params)
+  if start is None:
+    logging.warning("[%s] no init.from_stage, init.checkpoint or init.bert: scoring with random "
+                    "weights", name)
   else:
-    logging.warning("[%s] no init.from_stage or init.checkpoint: scoring with random weights",
-                    name)
+    params = jax.tree.map(lambda x, like: jax.device_put(x, like.sharding), start, params)
   ecfg = stage.eval
   split = eval_lib.load_split(data_dir, stage.data.eval_split, max_text_len=model_cfg.max_text_len,
                               max_regions=model_cfg.max_regions, pad_id=ids.pad_id,
                               sep_id=ids.sep_id, max_images=ecfg.max_images or None)
   logging.info("[%s] %d images x %d captions = %s pairs", name, split.num_images,
                split.num_captions, f"{split.num_images * split.num_captions:,}")
-  start = time.time()
+  started = time.time()
   scores = eval_lib.score_all(params, split, graphdef, mesh, rules, out_dir, pad_id=ids.pad_id,
                               tile_images=ecfg.tile_images, tile_captions=ecfg.tile_captions,
                               chunk_images=ecfg.chunk_images, progress=ecfg.progress)
   metrics = eval_lib.protocol_metrics(scores, split.caption_image, split.source_order,
                                       ecfg.protocol)
-  seconds = time.time() - start
+  seconds = time.time() - started
   extra = {"protocol": ecfg.protocol, "split": stage.data.eval_split,
            "images": split.num_images, "captions": split.num_captions,
            "checkpoint": source, "seconds": round(seconds, 2)}
@@ -357,7 +466,12 @@ STAGE_KINDS = {"pretrain": train_stage, "finetune": train_stage, "evaluate": eva
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the stages of `config.run` in order; a finished stage is not run again."""
+  """Runs the stages of `config.run` in order; a finished stage is not run again.
+
+  The whole config is checked first (ConfigError, one line naming the key), before anything is
+  built or compiled.
+  """
+  validate(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   results = {}
   for name in stage_names(config):

@@ -21,6 +21,7 @@ Batch fields (numpy, leading dimension = this process's batch):
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Iterator
 
 import numpy as np
@@ -160,29 +161,60 @@ def _merge(image, caption):
   return {**image, **caption}
 
 
-def _read(cfg: PipelineConfig, *, shuffle_files: bool, per_process: bool = True):
-  import tensorflow as tf
+def data_dirs(data_dir: str) -> list[str]:
+  """A comma-separated list of dataset folders (e.g. Conceptual Captions and SBU together)."""
+  dirs = [d.strip() for d in str(data_dir).split(",") if d.strip()]
+  if not dirs:
+    raise ValueError("config.stages.<stage>.data.dir is empty")
+  return dirs
+
+
+def _split_names(split: str) -> list[str]:
+  """The split names of a TFDS split expression ('train+restval', 'train[:10%]')."""
+  return [re.match(r"^[\w-]*", part.strip()).group(0) for part in split.split("+")]
+
+
+def has_split(info: dict, split: str) -> bool:
+  return all(name in info["splits"] for name in _split_names(split))
+
+
+def _read_one(data_dir: str, cfg: PipelineConfig, *, shuffle_files: bool):
   import tensorflow_datasets as tfds
-  builder, info = open_dataset(cfg.data_dir)
-  if cfg.split not in info["splits"]:
-    raise ValueError(f"{cfg.data_dir}: no split {cfg.split!r}; it has {sorted(info['splits'])}")
-  split = tfds.split_for_jax_process(cfg.split) if per_process else cfg.split
-  read_config = tfds.ReadConfig(shuffle_seed=cfg.seed, interleave_cycle_length=4, try_autocache=False,
-                                options=_options(cfg), add_tfds_id=False)
-  decoders = {"captions": tfds.decode.SkipDecoding()}
-  ds = builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config,
-                          decoders=decoders)
-  stored_probs = "class_probs" in builder.info.features
-  return ds.with_options(_options(cfg)), info, stored_probs, tf
+  builder, info = open_dataset(data_dir)
+  if not has_split(info, cfg.split):
+    raise ValueError(f"{data_dir}: no split {cfg.split!r}; it has {sorted(info['splits'])}")
+  read_config = tfds.ReadConfig(shuffle_seed=cfg.seed, interleave_cycle_length=4,
+                                try_autocache=False, options=_options(cfg), add_tfds_id=False)
+  ds = builder.as_dataset(split=tfds.split_for_jax_process(cfg.split),
+                          shuffle_files=shuffle_files, read_config=read_config,
+                          decoders={"captions": tfds.decode.SkipDecoding()})
+  return ds.with_options(_options(cfg)), info, "class_probs" in builder.info.features
 
 
-def train_dataset(cfg: PipelineConfig):
-  """An infinite tf.data.Dataset of this process's training batches."""
-  ds, _, stored_probs, tf = _read(cfg, shuffle_files=True)
+def _pair_stream(data_dir: str, cfg: PipelineConfig):
+  """One dataset's endless, shuffled stream of (image, caption) pairs, and its pair count."""
+  ds, info, stored_probs = _read_one(data_dir, cfg, shuffle_files=True)
   ds = ds.repeat()
   if cfg.shuffle_buffer > 1:
     ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed)
-  ds = _pairs(ds, cfg, stored_probs)
+  pairs = sum(info["splits"][name]["pairs"] for name in _split_names(cfg.split))
+  return _pairs(ds, cfg, stored_probs), max(pairs, 1)
+
+
+def train_dataset(cfg: PipelineConfig):
+  """An infinite tf.data.Dataset of this process's training batches.
+
+  With several dataset folders, pairs are drawn from each in proportion to its size.
+  """
+  import tensorflow as tf
+  streams = [_pair_stream(d, cfg) for d in data_dirs(cfg.data_dir)]
+  if len(streams) == 1:
+    ds = streams[0][0]
+  else:
+    total = sum(n for _, n in streams)
+    ds = tf.data.Dataset.sample_from_datasets([s for s, _ in streams],
+                                              weights=[n / total for _, n in streams],
+                                              seed=cfg.seed + 2)
   if cfg.pair_shuffle_buffer > 1:
     ds = ds.shuffle(cfg.pair_shuffle_buffer, seed=cfg.seed + 1)
   ds = ds.batch(_local_batch(cfg.batch_size), drop_remainder=True,
@@ -193,17 +225,47 @@ def train_dataset(cfg: PipelineConfig):
   return ds.prefetch(cfg.prefetch)
 
 
+class TrainIterator:
+  """NumPy batches from a tf.data pipeline whose position can be saved and restored exactly.
+
+  The saved state is tf.data's own iterator checkpoint (shuffle and prefetch buffers included),
+  so a resumed run sees exactly the batches an uninterrupted one would have.
+  """
+
+  def __init__(self, ds):
+    import tensorflow as tf
+    self._it = iter(ds)
+    self._ckpt = tf.train.Checkpoint(iterator=self._it)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in next(self._it).items()}
+
+  def save(self, prefix: str) -> None:
+    self._ckpt.write(prefix)
+
+  def restore(self, prefix: str) -> None:
+    self._ckpt.read(prefix).assert_consumed()
+
+
 def count_local_pairs(cfg: PipelineConfig) -> int:
   """Caption pairs in this process's share of the split (reads only the caption lengths)."""
   import tensorflow as tf
   import tensorflow_datasets as tfds
-  builder, _ = open_dataset(cfg.data_dir)
-  decoders = {k: tfds.decode.SkipDecoding() for k in builder.info.features
-              if k not in ("caption_lengths",)}
-  ds = builder.as_dataset(split=tfds.split_for_jax_process(cfg.split), shuffle_files=False,
-                          decoders=decoders)
-  ds = ds.map(lambda ex: tf.size(ex["caption_lengths"], out_type=tf.int64))
-  return int(sum(tfds.as_numpy(ds)))
+  total = 0
+  for data_dir in data_dirs(cfg.data_dir):
+    builder, info = open_dataset(data_dir)
+    if not has_split(info, cfg.split):
+      continue
+    decoders = {k: tfds.decode.SkipDecoding() for k in builder.info.features
+                if k not in ("caption_lengths",)}
+    ds = builder.as_dataset(split=tfds.split_for_jax_process(cfg.split), shuffle_files=False,
+                            decoders=decoders)
+    ds = ds.map(lambda ex: tf.size(ex["caption_lengths"], out_type=tf.int64))
+    total += int(sum(tfds.as_numpy(ds)))
+  return total
 
 
 def eval_dataset(cfg: PipelineConfig, *, max_batches: int | None = None):
@@ -213,7 +275,13 @@ def eval_dataset(cfg: PipelineConfig, *, max_batches: int | None = None):
   evaluation never waits on a host that ran out.
   """
   import jax
-  ds, _, stored_probs, _ = _read(cfg, shuffle_files=False)
+  parts = [_read_one(d, cfg, shuffle_files=False) for d in data_dirs(cfg.data_dir)
+           if has_split(open_dataset(d)[1], cfg.split)]
+  if not parts:
+    raise ValueError(f"{cfg.data_dir}: no dataset there has the split {cfg.split!r}")
+  ds, _, stored_probs = parts[0]
+  for more, _, _ in parts[1:]:
+    ds = ds.concatenate(more)
   local = _local_batch(cfg.batch_size)
   local_pairs = count_local_pairs(cfg)
   needed = -(-local_pairs // local)

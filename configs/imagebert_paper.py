@@ -1,0 +1,62 @@
+"""The paper's full recipe, stage after stage (Qi et al. 2020, sections 3-4):
+
+  stage1     pretraining on large weak web data (the paper's LAIT, 10M pairs), text side from
+             BERT-base uncased, the four objectives, batch 48, Adam 1e-4
+  stage2     pretraining on Conceptual Captions + SBU, from stage 1
+  finetune   Flickr30k retrieval, from stage 2: batch 24, lr 5e-5, the three losses, hard
+             negatives in both directions
+  zero_shot  Flickr30k 1K test with the stage-2 model;  test  the same with the fine-tuned one
+
+Every stage starts from the previous stage's final checkpoint; rerunning the command skips the
+stages that finished and resumes the one that did not. Paths are config fields:
+
+  python -m imagebert_jax.main --config configs/imagebert_paper.py --workdir runs/paper \
+    --config.bert=models/bert-base-uncased --config.text.vocab_file=models/bert-base-uncased/vocab.txt \
+    --config.web_data=data/web --config.cc_sbu_data=data/cc,data/sbu --config.flickr_data=data/flickr30k
+
+Step counts are not all in the paper; the ones here are this project's choice (about one epoch
+of stage 1 and four of stage 2 at batch 48, with gradient accumulation available through
+`train.grad_accum_steps`).
+"""
+
+import ml_collections
+
+from imagebert_jax import config_defaults as defaults
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = defaults.model_base()
+  c.text = ml_collections.ConfigDict(dict(vocab_file="", lowercase=True))
+  c.mesh = defaults.mesh_default()
+  # Paths (shared by the stages through references; override these).
+  c.bert = ""                          # BERT-base uncased: config.json + model.safetensors
+  c.web_data = "data/web"              # stage 1: built from your web pairs (jsonl captions)
+  c.cc_sbu_data = "data/cc,data/sbu"   # stage 2: both datasets, sampled by size
+  c.flickr_data = "data/flickr30k"     # fine-tuning and evaluation
+  c.stages = ml_collections.ConfigDict()
+
+  c.stages.stage1 = defaults.pretrain_stage(
+      defaults.data_default(train_split="train", eval_split="val"), batch_size=48,
+      num_steps=200_000, learning_rate=1e-4)
+  c.stages.stage1.data.dir = c.get_ref("web_data")
+  c.stages.stage1.init.bert = c.get_ref("bert")
+
+  c.stages.stage2 = defaults.pretrain_stage(
+      defaults.data_default(train_split="train", eval_split="val"), batch_size=48,
+      num_steps=300_000, learning_rate=1e-4)
+  c.stages.stage2.data.dir = c.get_ref("cc_sbu_data")
+  c.stages.stage2.init.from_stage = "stage1"
+
+  c.stages.finetune = defaults.finetune_stage(
+      defaults.data_default(train_split="train", eval_split="val"), from_stage="stage2",
+      batch_size=24, num_steps=60_000, learning_rate=5e-5)
+  c.stages.finetune.data.dir = c.get_ref("flickr_data")
+  for name, source in (("zero_shot", "stage2"), ("test", "finetune")):
+    c.stages[name] = defaults.evaluate_stage(defaults.data_default(eval_split="test"),
+                                             from_stage=source, protocol="full")
+    c.stages[name].data.dir = c.get_ref("flickr_data")
+  c.run = "stage1,stage2,zero_shot,finetune,test"
+  return c

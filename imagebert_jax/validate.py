@@ -1,0 +1,185 @@
+"""Checks a run config before anything is built or compiled.
+
+Every problem is one `ConfigError` line that names the config key and its value: unknown keys,
+sizes that do not fit, missing files and folders, a mesh or batch that does not match the devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from imagebert_jax import config_defaults
+from imagebert_jax.model.config import ModelConfig
+
+TOP_LEVEL = {"seed", "model", "text", "mesh", "stages", "run"}
+STAGE_KINDS = ("pretrain", "finetune", "evaluate")
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message is one line naming the key and the value."""
+
+
+def _keys(cd: Any) -> set[str]:
+  return set(cd.keys()) if hasattr(cd, "keys") else set()
+
+
+def _unknown(section: Any, reference: Any, where: str) -> None:
+  extra = sorted(_keys(section) - _keys(reference))
+  if extra:
+    raise ConfigError(f"{where}: unknown keys {extra}; known keys are "
+                      f"{sorted(_keys(reference))}")
+
+
+def _objective_fields(kind: str) -> set[str]:
+  from imagebert_jax.objectives.pretraining import PretrainObjective
+  from imagebert_jax.objectives.retrieval import RetrievalObjective
+  cls = PretrainObjective if kind == "pretrain" else RetrievalObjective
+  ids = {"pad_id", "cls_id", "sep_id", "mask_id", "random_token_range"}
+  return {f.name for f in dataclasses.fields(cls)} - ids
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ConfigError on the first problem found."""
+  # Top level: the known sections, plus plain values that stages share through references
+  # (dataset paths, a checkpoint path).
+  extra = sorted(k for k in _keys(config) - TOP_LEVEL if isinstance(config[k], ml_collections.ConfigDict))
+  if extra:
+    raise ConfigError(f"config: unknown sections {extra}; known sections are "
+                      f"{sorted(TOP_LEVEL - {'seed', 'run'})}")
+  try:
+    model = ModelConfig.from_config(config.model)
+    if model.vocab_size:
+      model.validate()
+    else:
+      dataclasses.replace(model, vocab_size=1).validate()
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if config.text.vocab_file and not os.path.isfile(config.text.vocab_file):
+    raise ConfigError(f"config.text.vocab_file={config.text.vocab_file!r}: no such file")
+
+  # Mesh and devices.
+  try:
+    from imagebert_jax import parallel
+    mesh = parallel.make_mesh(tuple(config.mesh.shape))
+    parallel.rules_from_config(config.mesh.rules)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+
+  names = [s.strip() for s in str(config.run).split(",") if s.strip()]
+  if not names:
+    raise ConfigError(f"config.run={config.run!r}: no stages to run")
+  for i, name in enumerate(names):
+    if name not in config.stages:
+      raise ConfigError(f"config.run={config.run!r}: no stage {name!r} in config.stages "
+                        f"({sorted(config.stages.keys())})")
+    _validate_stage(config, name, names[:i], workdir, model, batch_devices)
+
+
+def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: ModelConfig,
+                    batch_devices: int) -> None:
+  stage = config.stages[name]
+  where = f"config.stages.{name}"
+  kind = stage.get("kind")
+  if kind not in STAGE_KINDS:
+    raise ConfigError(f"{where}.kind={kind!r}: want one of {STAGE_KINDS}")
+  defaults = config_defaults
+  if kind == "evaluate":
+    reference = defaults.evaluate_stage(defaults.data_default())
+  elif kind == "finetune":
+    reference = defaults.finetune_stage(defaults.data_default())
+  else:
+    reference = defaults.pretrain_stage(defaults.data_default(), batch_size=1, num_steps=1)
+  _unknown(stage, reference, where)
+  _unknown(stage.data, reference.data, f"{where}.data")
+  _unknown(stage.data.synthetic, reference.data.synthetic, f"{where}.data.synthetic")
+  _unknown(stage.init, reference.init, f"{where}.init")
+  if kind == "evaluate":
+    _unknown(stage.eval, reference.eval, f"{where}.eval")
+    if stage.eval.protocol not in ("full", "coco1k", "first1k"):
+      raise ConfigError(f"{where}.eval.protocol={stage.eval.protocol!r}: want full, coco1k or "
+                        "first1k")
+    for key in ("tile_images", "tile_captions", "chunk_images"):
+      if stage.eval[key] < 1:
+        raise ConfigError(f"{where}.eval.{key}={stage.eval[key]}: want a positive number")
+  else:
+    _unknown(stage.optim, reference.optim, f"{where}.optim")
+    _unknown(stage.train, reference.train, f"{where}.train")
+    extra = sorted(_keys(stage.objective) - _objective_fields(kind))
+    if extra:
+      raise ConfigError(f"{where}.objective: unknown keys {extra}; known keys are "
+                        f"{sorted(_objective_fields(kind))}")
+    t = stage.train
+    for key in ("batch_size", "num_steps", "log_every", "checkpoint_every", "grad_accum_steps",
+                "keep_checkpoints", "max_nonfinite_in_a_row"):
+      if t[key] < 1:
+        raise ConfigError(f"{where}.train.{key}={t[key]}: want a positive number")
+    micro = t.batch_size // t.grad_accum_steps
+    if t.batch_size % t.grad_accum_steps:
+      raise ConfigError(f"{where}.train.batch_size={t.batch_size} is not divisible by "
+                        f"grad_accum_steps={t.grad_accum_steps}")
+    if micro % batch_devices:
+      raise ConfigError(f"{where}.train.batch_size={t.batch_size}: each micro-batch of {micro} "
+                        f"must split evenly over the {batch_devices} data-parallel devices")
+    if t.batch_size % jax.process_count():
+      raise ConfigError(f"{where}.train.batch_size={t.batch_size} is not divisible by the "
+                        f"{jax.process_count()} processes")
+    if stage.optim.learning_rate <= 0:
+      raise ConfigError(f"{where}.optim.learning_rate={stage.optim.learning_rate}: want > 0")
+
+  # Data.
+  if not stage.data.synthetic.enabled:
+    if not stage.data.dir:
+      raise ConfigError(f"{where}.data.dir is empty: give the folder of a built dataset")
+    from imagebert_jax.data import pipeline, records
+    for d in pipeline.data_dirs(stage.data.dir):
+      try:
+        info = records.read_info(d)
+      except FileNotFoundError:
+        raise ConfigError(f"{where}.data.dir={stage.data.dir!r}: {d} is not a built dataset "
+                          f"(no {records.INFO_FILE})") from None
+      split = stage.data.eval_split if kind == "evaluate" else stage.data.train_split
+      if not pipeline.has_split(info, split):
+        key = "eval_split" if kind == "evaluate" else "train_split"
+        raise ConfigError(f"{where}.data.{key}={split!r}: {d} has splits "
+                          f"{sorted(info['splits'])}")
+      opts = info["options"]
+      if opts["feature_dim"] != model.region_feature_dim:
+        raise ConfigError(f"config.model.region_feature_dim={model.region_feature_dim}: {d} "
+                          f"holds {opts['feature_dim']}-d region features")
+      if opts["max_boxes"] > model.max_regions:
+        raise ConfigError(f"config.model.max_regions={model.max_regions} is smaller than the "
+                          f"{opts['max_boxes']} regions per image {d} may hold: raise it, or "
+                          "rebuild with --max_boxes")
+      if kind == "pretrain" and stage.objective.moc_loss == "kl" and not opts.get(
+          "class_probs_dim"):
+        raise ConfigError(f"{where}.objective.moc_loss='kl': {d} stores no class distributions "
+                          "(build it with --class_probs_dim)")
+
+  # Where the weights come from.
+  init = stage.init
+  if init.checkpoint:
+    from imagebert_jax import checkpoint
+    try:
+      checkpoint.state_dir(init.checkpoint)
+    except FileNotFoundError:
+      raise ConfigError(f"{where}.init.checkpoint={init.checkpoint!r}: no checkpoint there") \
+          from None
+  elif init.from_stage:
+    if init.from_stage not in earlier and not os.path.isdir(
+        os.path.join(workdir, init.from_stage, "checkpoints")):
+      raise ConfigError(f"{where}.init.from_stage={init.from_stage!r}: that stage neither runs "
+                        f"before this one nor has checkpoints in {workdir}")
+  if init.bert:
+    from imagebert_jax import bert
+    try:
+      bert.check_compatible(init.bert, model)
+    except (FileNotFoundError, ValueError) as e:
+      raise ConfigError(f"{where}.init.bert={init.bert!r}: {e}") from None
+
+
