@@ -1,0 +1,114 @@
+"""One process of the multi-host test (tests/test_multihost.py starts it, once per process).
+
+  python tests/multihost_worker.py <process_id> <num_processes> <port> <devices_per_process>
+      <workdir> <mode>
+
+mode 'train': 3 training steps on a fixed global batch, mesh data 4 x fsdp 2; prints the losses,
+saves a checkpoint to <workdir>/ckpt (written by every process), then scores a small split with the
+evaluation code and prints a checksum of the scores. mode 'restore:<dir>': restores the checkpoint
+in <dir> on this topology and prints a checksum of the parameters.
+"""
+
+import json
+import os
+import sys
+
+pid, nproc, port, ndev, workdir, mode = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                                         int(sys.argv[4]), sys.argv[5], sys.argv[6])
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+
+if nproc > 1:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=nproc,
+                             process_id=pid)
+
+import functools  # noqa: E402
+
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+
+from helpers import CLS, MASK, PAD, RANDOM_RANGE, SEP, TINY, random_batch  # noqa: E402
+from imagebert_jax import checkpoint, config_defaults, evaluate, optim, parallel  # noqa: E402
+from imagebert_jax import state as state_lib  # noqa: E402
+from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss  # noqa: E402
+import ml_collections  # noqa: E402
+
+RULES = parallel.rules_from_config(config_defaults.DEFAULT_RULES)
+OBJ = PretrainObjective(pad_id=PAD, cls_id=CLS, sep_id=SEP, mask_id=MASK,
+                        random_token_range=RANDOM_RANGE)
+
+
+def global_array(x, mesh):
+  """The same global batch on any topology: every process slices its shards from the whole."""
+  sharding = parallel.batch_sharding(mesh, RULES, x.ndim)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def checksum(tree):
+  leaves = jax.tree.leaves(jax.tree.map(
+      lambda a: np.asarray(jax.experimental.multihost_utils.process_allgather(a, tiled=True)),
+      tree))
+  return float(sum(np.float64(np.sum(np.abs(x.astype(np.float64)))) for x in leaves))
+
+
+def main():
+  import jax.experimental.multihost_utils  # noqa: F401
+  mesh = parallel.make_mesh((4, 2, 1))
+  tx, schedule = optim.make_optimizer(ml_collections.ConfigDict(dict(
+      learning_rate=1e-3, warmup_steps=1, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6,
+      grad_clip_norm=1.0)), 10)
+  spec = state_lib.state_spec(TINY, tx, mesh, RULES, seed=0)
+  out = {"process": jax.process_index(), "processes": jax.process_count(),
+         "devices": jax.device_count()}
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"), save_every=1, keep=1)
+  if mode == "train":
+    state = state_lib.create_state(spec, TINY, tx, seed=0)
+    step = state_lib.make_train_step(spec, functools.partial(pretrain_loss, obj=OBJ), tx,
+                                     seed=0, schedule=schedule)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(3):
+      batch = {k: global_array(v, mesh) for k, v in random_batch(rng, 16, TINY).items()}
+      state, metrics = step(state, batch)
+      losses.append(float(metrics["loss"]))
+    out["losses"] = losses
+    ckpt.save(3, state, force=True)
+    ckpt.close()
+    out["params_checksum"] = checksum(state.params)
+    # Evaluation sharded over every device of every process.
+    split = evaluate.Split(*_split(np.random.default_rng(1)))
+    graphdef = spec.graphdef
+    scores = evaluate.score_all(state.params, split, graphdef, mesh, RULES,
+                                os.path.join(workdir, "eval"), pad_id=PAD, tile_images=2,
+                                tile_captions=8, chunk_images=4, progress=False)
+    out["scores_checksum"] = float(np.abs(scores.astype(np.float64)).sum())
+    out["scores_shape"] = list(scores.shape)
+  else:
+    ckpt.close()
+    source = mode.split(":", 1)[1]
+    other = checkpoint.Checkpointer(source, save_every=1, keep=1)
+    restored = other.restore(other.latest_step(), spec.abstract)
+    out["params_checksum"] = checksum(restored.params)
+    out["step"] = int(jax.device_get(restored.step))
+    leaf = restored.params["encoder"]["layers"][0]["mlp_in"]["kernel"]
+    out["shard_shape"] = list(leaf.addressable_shards[0].data.shape)
+  print("RESULT " + json.dumps(out), flush=True)
+
+
+def _split(rng, n_img=6, caps=2):
+  b = random_batch(rng, n_img, TINY)
+  text = np.concatenate([random_batch(rng, n_img, TINY)["text_ids"] for _ in range(caps)])
+  owner = np.tile(np.arange(n_img), caps).astype(np.int32)
+  return (b["region_feat"].astype(np.float16), b["region_loc"], b["num_regions"], text, owner,
+          [str(i) for i in range(n_img)], np.arange(n_img))
+
+
+if __name__ == "__main__":
+  main()
+  if nproc > 1:
+    jax.distributed.shutdown()
