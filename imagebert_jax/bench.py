@@ -45,8 +45,12 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation in
 _STAGE = flags.DEFINE_string("stage", "pretrain", "The stage whose objective and optimizer run.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 30522, "Vocabulary size when the config leaves it 0.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s for MFU (0: known accelerators).")
-_MODES = flags.DEFINE_list("modes", ["train", "score"], "What to time: train, score.")
+_MODES = flags.DEFINE_list("modes", ["train", "score"],
+                           "What to time: train (synthetic batches made on the device), input "
+                           "(the train step fed by the tf.data pipeline), score.")
 _TILE = flags.DEFINE_string("score_tile", "8x128", "Scoring tile: images x captions per step.")
+_DATA = flags.DEFINE_string("data_dir", "", "Mode 'input': a built dataset to feed the train "
+                            "step through the real tf.data pipeline (the split 'train').")
 
 
 def flops_per_sample(cfg: ModelConfig, text_words: int, mlm_rate: float = 0.15) -> dict:
@@ -112,7 +116,8 @@ def _memory(device, compiled) -> tuple[float | None, str]:
     return None, "n/a"
 
 
-def bench_train(config, batch_size: int, steps: int, warmup: int, stage: str) -> dict[str, Any]:
+def bench_train(config, batch_size: int, steps: int, warmup: int, stage: str,
+                data_dir: str = "") -> dict[str, Any]:
   model_cfg = _model_config(config)
   obj = _objective(config, model_cfg, stage)
   text_words = model_cfg.max_text_len - 2
@@ -134,12 +139,29 @@ def bench_train(config, batch_size: int, steps: int, warmup: int, stage: str) ->
                                            obj=obj, text_words=text_words),
                          out_shardings=batch_sharding)
     batches = [make_batch(jax.random.key(i)) for i in range(2)]
+  if data_dir:
+    # Real input: the tf.data pipeline, made into global arrays each step as training does.
+    from imagebert_jax.data import pipeline
+    from imagebert_jax.data.records import read_info
+    pipeline.hide_gpus_from_tf()
+    info = read_info(pipeline.data_dirs(data_dir)[0])
+    if info["options"]["feature_dim"] != model_cfg.region_feature_dim:
+      raise ValueError(f"--data_dir {data_dir}: {info['options']['feature_dim']}-d features, the "
+                       f"model takes {model_cfg.region_feature_dim}")
+    it = pipeline.TrainIterator(pipeline.train_dataset(pipeline.PipelineConfig(
+        data_dir=data_dir, split="train", batch_size=batch_size,
+        max_text_len=model_cfg.max_text_len, max_regions=model_cfg.max_regions,
+        pad_id=obj.pad_id, sep_id=obj.sep_id)))
+    next_batch = lambda i: parallel.global_batch(
+        {k: v for k, v in next(it).items() if k in batch_sharding}, mesh, rules)
+  else:
+    next_batch = lambda i: batches[i % 2]
   for i in range(warmup):
-    state, metrics = step(state, batches[i % 2])
+    state, metrics = step(state, next_batch(i))
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   for i in range(steps):
-    state, metrics = step(state, batches[i % 2])
+    state, metrics = step(state, next_batch(i))
   jax.block_until_ready((state, metrics))
   seconds = time.perf_counter() - start
   compiled = step.jitted.lower(state, batches[0]).compile() if hasattr(step, "jitted") else None
@@ -238,6 +260,11 @@ def main(argv):
   if "train" in _MODES.value:
     rows.append(dict(mode="train", **bench_train(config, _BATCH.value, _STEPS.value,
                                                  _WARMUP.value, _STAGE.value)))
+  if "input" in _MODES.value:
+    if not _DATA.value:
+      raise app.UsageError("--modes input needs --data_dir (a built dataset)")
+    rows.append(dict(mode="input", **bench_train(config, _BATCH.value, _STEPS.value,
+                                                 _WARMUP.value, _STAGE.value, _DATA.value)))
   if "score" in _MODES.value:
     ti, tc = (int(x) for x in _TILE.value.split("x"))
     rows.append(dict(mode="score", **bench_score(config, (ti, tc), _STEPS.value, _WARMUP.value)))
@@ -245,7 +272,7 @@ def main(argv):
   print(f"jax {r['jax']}; {r['positions']} positions; attention={config.model.attention_impl}, "
         f"remat={config.model.remat}; memory: {r['mem_kind']}")
   for row in rows:
-    if row["mode"] == "train":
+    if row["mode"] in ("train", "input"):
       print(f"train: {row['train_gflop_per_sample']:.2f} GFLOP per sample (3 x forward matrix "
             "products, see imagebert_jax/bench.py)")
     else:

@@ -84,6 +84,9 @@ def _options(cfg: PipelineConfig):
   import tensorflow as tf
   options = tf.data.Options()
   options.deterministic = True
+  # One thread per op inside tf.data: its parallelism comes from parallel maps and batching,
+  # and op-level threads only contend with the accelerator host's other work.
+  options.threading.max_intra_op_parallelism = 1
   options.experimental_optimization.map_parallelization = True
   if cfg.threadpool_size:
     options.threading.private_threadpool_size = cfg.threadpool_size
