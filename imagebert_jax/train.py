@@ -98,7 +98,7 @@ def pretrain_objective(obj_cfg: ml_collections.ConfigDict, ids) -> PretrainObjec
     raise ValueError(f"config.objective: unknown keys {unknown}")
   obj = PretrainObjective(pad_id=ids.pad_id, cls_id=ids.cls_id, sep_id=ids.sep_id,
                           mask_id=ids.mask_id, random_token_range=ids.random_token_range,
-                          **values)
+                          vocab_size=ids.vocab_size, **values)
   obj.validate()
   return obj
 

@@ -39,7 +39,7 @@ def _objective_fields(kind: str) -> set[str]:
   from imagebert_jax.objectives.pretraining import PretrainObjective
   from imagebert_jax.objectives.retrieval import RetrievalObjective
   cls = PretrainObjective if kind == "pretrain" else RetrievalObjective
-  ids = {"pad_id", "cls_id", "sep_id", "mask_id", "random_token_range"}
+  ids = {"pad_id", "cls_id", "sep_id", "mask_id", "random_token_range", "vocab_size"}
   return {f.name for f in dataclasses.fields(cls)} - ids
 
 

@@ -124,3 +124,18 @@ def test_kl_variant_needs_and_uses_class_distributions():
                             _objective(itm_neg_prob=0.0, moc_loss="kl"))
   assert np.isfinite(float(m_kl["moc_loss"])) and float(m_kl["moc_loss"]) > 0
   assert abs(float(m_kl["moc_loss"]) - float(m_ce["moc_loss"])) > 1e-3
+
+
+def test_padded_vocabulary_rows_are_never_predicted():
+  """A model vocabulary padded past the tokenizer's: those rows cannot win, whatever their bias."""
+  cfg = TINY.__class__(**{**TINY.__dict__, "vocab_size": 64})  # the tokenizer has 60
+  model = ImageBert(cfg, rngs=nnx.Rngs(0))
+  batch = {k: jnp.asarray(v) for k, v in random_batch(np.random.default_rng(5), 4).items()}
+  obj = _objective(itm_neg_prob=0.0, vocab_size=60)
+  losses = []
+  for bias in (100.0, -100.0):
+    model.mlm_bias[...] = model.mlm_bias[...].at[60:].set(bias)
+    _, m = P.pretrain_loss(model, batch, jax.random.key(3), obj, train=False)
+    losses.append(float(m["mlm_loss"]))
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+  assert losses[0] < 20  # a +100 bias on the padding would have made it about 100

@@ -43,6 +43,7 @@ class PretrainObjective:
   sep_id: int = 102
   mask_id: int = 103
   random_token_range: tuple[int, int] = (999, 30522)
+  vocab_size: int = 0  # the tokenizer's; model rows past it (padding) are never predicted
   mlm_rate: float = 0.15
   mlm_mask_prob: float = 0.8
   mlm_random_prob: float = 0.1
@@ -141,6 +142,9 @@ def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
   l_itm, a_itm = itm_loss(model.itm_logit(text_h), swap.labels)
 
   mlm_logits = model.mlm_logits(gather_rows(text_h, tm.positions))
+  if obj.vocab_size and mlm_logits.shape[-1] > obj.vocab_size:
+    # A vocabulary padded past the tokenizer's (for tile-aligned matrices): never predict those.
+    mlm_logits = jnp.where(jnp.arange(mlm_logits.shape[-1]) < obj.vocab_size, mlm_logits, -1e9)
   l_mlm, a_mlm = mlm_loss(mlm_logits, tm.labels, tm.weights * matched)
 
   masked_h = gather_rows(region_h, rm.positions)

@@ -1,0 +1,39 @@
+"""Checks that need a GPU (skipped elsewhere): cuDNN fused attention against the XLA path."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import PAD, random_batch
+from imagebert_jax.model import ImageBert, ModelConfig
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+
+CFG = ModelConfig(vocab_size=512, hidden_size=256, num_layers=2, num_heads=4, mlp_dim=1024,
+                  max_text_len=44, max_regions=100, region_feature_dim=64, num_object_classes=16,
+                  dropout_rate=0.0, attention_dropout_rate=0.0, dtype="bfloat16")
+
+
+def _encode(impl, batch):
+  model = ImageBert(dataclasses.replace(CFG, attention_impl=impl), rngs=nnx.Rngs(0))
+  region_mask = np.arange(CFG.max_regions)[None] < batch["num_regions"][:, None]
+  return model.encode(jnp.asarray(batch["text_ids"]), jnp.asarray(batch["text_ids"] != PAD),
+                      jnp.asarray(batch["region_feat"]), jnp.asarray(batch["region_loc"]),
+                      jnp.asarray(region_mask))
+
+
+def test_cudnn_attention_matches_xla():
+  rng = np.random.default_rng(0)
+  batch = random_batch(rng, 8, CFG)
+  t_x, r_x = _encode("xla", batch)
+  t_c, r_c = _encode("cudnn", batch)
+  for i in range(8):
+    n_t = int((batch["text_ids"][i] != PAD).sum())
+    n_r = int(batch["num_regions"][i])
+    for got, want in ((t_c[i, :n_t], t_x[i, :n_t]), (r_c[i, :n_r], r_x[i, :n_r])):
+      got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+      assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
