@@ -17,16 +17,11 @@ from imagebert_jax import config_defaults as defaults
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.model = defaults.model_base()
-  c.text = ml_collections.ConfigDict(dict(vocab_file="", lowercase=True))
-  c.mesh = defaults.mesh_default()
+  c = defaults.run_config()
   c.data_dir = "data/coco"      # the built dataset, used by every stage
   c.pretrained = ""      # the pretraining checkpoints folder the fine-tuning starts from
   data = defaults.data_default(directory="", train_split="train+restval",
                                eval_split="val")
-  c.stages = ml_collections.ConfigDict()
   # About 5 epochs of the 567K training pairs at batch 24 (the paper gives no step count).
   c.stages.finetune = defaults.finetune_stage(data, checkpoint="", batch_size=24,
                                               num_steps=120_000, learning_rate=5e-5)

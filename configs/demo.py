@@ -12,16 +12,12 @@ from imagebert_jax import config_defaults as defaults
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   smoke = arg == "smoke"
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.model = defaults.model_base()
+  c = defaults.run_config()
   c.model.update(dict(
       vocab_size=0,  # 0: the size of the vocabulary file
       hidden_size=128, num_layers=4, num_heads=4, mlp_dim=256, max_text_len=16, max_regions=16,
       region_feature_dim=32, num_object_classes=16, max_position_embeddings=64,
       dropout_rate=0.0, attention_dropout_rate=0.0, dtype="float32"))
-  c.text = ml_collections.ConfigDict(dict(vocab_file="", lowercase=True))
-  c.mesh = defaults.mesh_default()
 
   data = defaults.data_default(directory="", train_split="train", eval_split="test")
   data.synthetic.update(dict(enabled=True, train_images=200 if smoke else 3000,
@@ -29,7 +25,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                              max_regions=16, captions_per_image=5))
   data.shuffle_buffer = 500
   data.pair_shuffle_buffer = 256
-  c.stages = ml_collections.ConfigDict()
   steps = 12 if smoke else 1500
   c.stages.pretrain = defaults.pretrain_stage(data, batch_size=32 if smoke else 64,
                                               num_steps=steps, learning_rate=2e-3)

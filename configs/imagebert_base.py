@@ -12,12 +12,7 @@ from imagebert_jax import config_defaults as defaults
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.model = defaults.model_base()
-  c.text = ml_collections.ConfigDict(dict(vocab_file="", lowercase=True))
-  c.mesh = defaults.mesh_default()
-  c.stages = ml_collections.ConfigDict()
+  c = defaults.run_config()
   c.stages.pretrain = defaults.pretrain_stage(defaults.data_default(), batch_size=48,
                                               num_steps=1_000_000, learning_rate=1e-4)
   c.run = "pretrain"

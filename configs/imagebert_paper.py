@@ -26,17 +26,12 @@ from imagebert_jax import config_defaults as defaults
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.model = defaults.model_base()
-  c.text = ml_collections.ConfigDict(dict(vocab_file="", lowercase=True))
-  c.mesh = defaults.mesh_default()
+  c = defaults.run_config()
   # Paths (shared by the stages through references; override these).
   c.bert = ""                          # BERT-base uncased: config.json + model.safetensors
   c.web_data = "data/web"              # stage 1: built from your web pairs (jsonl captions)
   c.cc_sbu_data = "data/cc,data/sbu"   # stage 2: both datasets, sampled by size
   c.flickr_data = "data/flickr30k"     # fine-tuning and evaluation
-  c.stages = ml_collections.ConfigDict()
 
   c.stages.stage1 = defaults.pretrain_stage(
       defaults.data_default(train_split="train", eval_split="val"), batch_size=48,

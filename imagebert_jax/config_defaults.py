@@ -32,6 +32,17 @@ DEFAULT_RULES = (
 )
 
 
+def run_config(model: ConfigDict | None = None) -> ConfigDict:
+  """A run config's shared parts: seed, model (BERT-base unless given), text, mesh; no stages."""
+  c = ConfigDict()
+  c.seed = 0
+  c.model = model or model_base()
+  c.text = ConfigDict(dict(vocab_file="", lowercase=True))
+  c.mesh = mesh_default()
+  c.stages = ConfigDict()
+  return c
+
+
 def model_base() -> ConfigDict:
   """BERT-base over 44 text positions and 100 regions of 2048-d (144 positions in all)."""
   return ConfigDict(dict(
