@@ -30,7 +30,6 @@ from ml_collections import config_flags
 from imagebert_jax import optim, parallel
 from imagebert_jax import state as state_lib
 from imagebert_jax.model import ModelConfig
-from imagebert_jax.objectives.masking import max_predictions
 from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss
 
 # Dense bf16 peak of each accelerator, TFLOP/s (vendor datasheets).

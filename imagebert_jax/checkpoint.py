@@ -116,19 +116,20 @@ def state_dir(path: str) -> str:
   raise FileNotFoundError(f"{path}: no checkpoint there")
 
 
-def _flat(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
+def flatten_paths(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
+  """A nested dict as {path of string keys: leaf} (layer indices become '0', '1', ...)."""
   if isinstance(tree, dict):
     out = {}
     for k, v in tree.items():
-      out.update(_flat(v, prefix + (str(k),)))
+      out.update(flatten_paths(v, prefix + (str(k),)))
     return out
   return {prefix: tree}
 
 
-def _nest(flat: dict[tuple, Any], like: Any, prefix: tuple = ()) -> Any:
+def nest_like(flat: dict[tuple, Any], like: Any, prefix: tuple = ()) -> Any:
   """Rebuilds `like`'s structure (and key types) from a flat dict keyed by string paths."""
   if isinstance(like, dict):
-    return {k: _nest(flat, v, prefix + (str(k),)) for k, v in like.items()}
+    return {k: nest_like(flat, v, prefix + (str(k),)) for k, v in like.items()}
   return flat[prefix]
 
 
@@ -141,8 +142,8 @@ def load_params(path: str, abstract_params: Any) -> tuple[dict[tuple, Any], list
   meta = checkpointer.metadata(directory).item_metadata.tree
   if "params" not in meta:
     raise ValueError(f"{directory}: the checkpoint holds no 'params'")
-  source = _flat(meta["params"])
-  target = _flat(abstract_params)
+  source = flatten_paths(meta["params"])
+  target = flatten_paths(abstract_params)
   bad = [f"{'/'.join(p)}: checkpoint {tuple(source[p].shape)}, model {tuple(target[p].shape)}"
          for p in target if p in source and tuple(source[p].shape) != tuple(target[p].shape)]
   if bad:
@@ -158,7 +159,7 @@ def load_params(path: str, abstract_params: Any) -> tuple[dict[tuple, Any], list
     node[p[-1]] = a
   restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
       item=item, restore_args=jax.tree.map(_restore_args, item), partial_restore=True))
-  return _flat(restored["params"]), missing, unexpected
+  return flatten_paths(restored["params"]), missing, unexpected
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from imagebert_jax import state as state_lib
 from imagebert_jax.model import ModelConfig
 from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss
 from imagebert_jax.objectives.retrieval import RetrievalObjective, retrieval_loss
-from imagebert_jax.validate import ConfigError, validate
+from imagebert_jax.validate import ConfigError, validate  # noqa: F401 - ConfigError for main
 
 DONE_FILE = "DONE.json"
 
@@ -161,7 +161,7 @@ def starting_params(name: str, stage: ml_collections.ConfigDict, workdir: str,
   source = init_source(stage, workdir)
   if not source and not stage.init.bert:
     return None
-  flat = ckpt_lib._flat(fresh)
+  flat = ckpt_lib.flatten_paths(fresh)
   if stage.init.bert:
     from imagebert_jax import bert
     host = {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
@@ -182,7 +182,7 @@ def starting_params(name: str, stage: ml_collections.ConfigDict, workdir: str,
       logging.info("[%s] in %s but not in the model, ignored: %s", name, source,
                    ", ".join(unexpected))
     flat.update(restored)
-  return ckpt_lib._nest(flat, fresh)
+  return ckpt_lib.nest_like(flat, fresh)
 
 
 class Preempted(Exception):

@@ -30,7 +30,6 @@ if nproc > 1:
 import functools  # noqa: E402
 
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
 
 from helpers import CLS, MASK, PAD, RANDOM_RANGE, SEP, TINY, random_batch  # noqa: E402
 from imagebert_jax import checkpoint, config_defaults, evaluate, optim, parallel  # noqa: E402

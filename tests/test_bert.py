@@ -34,9 +34,9 @@ MINILM = ModelConfig(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=
 def loaded():
   model = ImageBert(MINILM, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
-  fresh = checkpoint._flat(nnx.to_pure_dict(state))
+  fresh = checkpoint.flatten_paths(nnx.to_pure_dict(state))
   params, filled, left = bert.initial_params(minilm_dir(), MINILM, fresh)
-  model = nnx.merge(graphdef, checkpoint._nest(params, nnx.to_pure_dict(state)))
+  model = nnx.merge(graphdef, checkpoint.nest_like(params, nnx.to_pure_dict(state)))
   return model, filled, left
 
 

@@ -4,13 +4,12 @@ import base64
 import glob
 import hashlib
 import json
-import os
 
 import numpy as np
 import pytest
 
 from imagebert_jax.data import build as build_lib
-from imagebert_jax.data import pipeline, records
+from imagebert_jax.data import pipeline
 from imagebert_jax.data.regionfile import RegionFileWriter, RegionRecord
 from imagebert_jax.data.tokenizer import special_ids, write_vocab
 
@@ -204,6 +203,7 @@ def test_sharded_build_equals_one_shard_and_is_deterministic(tmp_path, vocab):
                                      out_dir=str(tmp_path / "one")))
   again = build_lib.build_dataset(spec(tmp_path, vocab, [str(path)], [str(caps)],
                                        out_dir=str(tmp_path / "again")))
+  assert again["splits"] == one["splits"]
   digest = lambda d: hashlib.sha256(open(glob.glob(f"{d}/t-train.tfrecord-*")[0], "rb").read())
   assert digest(tmp_path / "one").digest() == digest(tmp_path / "again").digest()
   sharded = str(tmp_path / "sharded")

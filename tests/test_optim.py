@@ -3,7 +3,6 @@
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from imagebert_jax import optim
 

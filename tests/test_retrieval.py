@@ -10,7 +10,6 @@ from flax import nnx
 
 from helpers import PAD, TINY, random_batch
 from imagebert_jax import config_defaults, evaluate, parallel, state as state_lib
-from imagebert_jax.model import ImageBert
 from imagebert_jax.objectives import retrieval as R
 
 RULES = parallel.rules_from_config(config_defaults.DEFAULT_RULES)
