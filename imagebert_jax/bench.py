@@ -196,7 +196,7 @@ def bench_score(config, tile: tuple[int, int], steps: int, warmup: int) -> dict[
   words = model_cfg.max_text_len - 2
   text = rng.integers(*obj.random_token_range, size=(n_cap, model_cfg.max_text_len))
   text[:, 0], text[:, words + 1] = obj.cls_id, obj.sep_id
-  arrays = tuple(evaluate._replicated(x, mesh) for x in (
+  arrays = tuple(parallel.replicated_array(x, mesh) for x in (
       rng.uniform(0, 2, (n_img, model_cfg.max_regions, model_cfg.region_feature_dim)).astype(
           np.float16),
       rng.uniform(0, 1, (n_img, model_cfg.max_regions, 5)).astype(np.float32),

@@ -9,8 +9,8 @@ LayerNorm parameters `gamma` and `beta`; both spellings are read.
 What is filled: the word, position and segment embeddings and their LayerNorm, every encoder
 layer, the pooler and, when the checkpoint has it, the MLM head. The region embedding, the
 object and feature heads and the matching head are not in a BERT checkpoint and keep their fresh
-initialisation. A vocabulary larger than the checkpoint's (padded for speed) keeps fresh rows
-past the checkpoint's end.
+initialisation. A vocabulary larger than the checkpoint's (padded for speed) gets zero rows past
+the checkpoint's end.
 """
 
 from __future__ import annotations
@@ -138,27 +138,28 @@ def convert(weights: dict[str, np.ndarray], model: ModelConfig) -> dict[tuple, n
   return out
 
 
-def initial_params(path: str, model: ModelConfig, fresh: dict[tuple, Any]
-                   ) -> tuple[dict[tuple, Any], list[str], list[str]]:
-  """`fresh` (flat, by path) with the BERT checkpoint's weights put in. Returns (params, paths
-  filled, paths left fresh). Rows past the checkpoint's vocabulary keep their fresh values."""
+def initial_params(path: str, model: ModelConfig, shapes: dict[tuple, Any]
+                   ) -> tuple[dict[tuple, np.ndarray], list[str]]:
+  """The BERT checkpoint's weights for the model's parameters, as host arrays shaped like
+  `shapes` (path -> anything with .shape and .dtype). Returns (arrays by path, the model's paths
+  it has no weights for). Vocabulary rows past the checkpoint's (a padded vocabulary) are zero:
+  no token maps to them and they are never predicted."""
   check_compatible(path, model)
   converted = convert(load_weights(path), model)
-  out = dict(fresh)
+  out = {}
   for key, value in converted.items():
-    if key not in fresh:
+    if key not in shapes:
       raise KeyError(f"converted BERT parameter {'/'.join(key)} has no place in the model")
-    target = np.asarray(fresh[key])
-    if value.shape != target.shape:
-      if key in (("word", "embedding"), ("mlm_bias",)) and value.shape[1:] == target.shape[1:] \
-          and value.shape[0] < target.shape[0]:
-        value = np.concatenate([value, target[value.shape[0]:]], axis=0)
-      elif key == ("position", "embedding") and value.shape[0] > target.shape[0]:
-        value = value[:target.shape[0]]
+    shape, dtype = tuple(shapes[key].shape), shapes[key].dtype
+    if value.shape != shape:
+      if key in (("word", "embedding"), ("mlm_bias",)) and value.shape[1:] == shape[1:] \
+          and value.shape[0] < shape[0]:
+        value = np.concatenate([value, np.zeros((shape[0] - value.shape[0],) + shape[1:],
+                                                value.dtype)], axis=0)
+      elif key == ("position", "embedding") and value.shape[0] > shape[0]:
+        value = value[:shape[0]]
       else:
-        raise ValueError(f"{'/'.join(key)}: checkpoint shape {value.shape}, model "
-                         f"{target.shape}")
-    out[key] = value.astype(target.dtype)
-  filled = sorted("/".join(k) for k in converted)
-  left = sorted("/".join(k) for k in fresh if k not in converted)
-  return out, filled, left
+        raise ValueError(f"{'/'.join(key)}: checkpoint shape {value.shape}, model {shape}")
+    out[key] = value.astype(dtype)
+  left = sorted("/".join(k) for k in shapes if k not in converted)
+  return out, left

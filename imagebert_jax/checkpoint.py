@@ -17,9 +17,12 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from imagebert_jax import parallel
 from imagebert_jax.state import TrainState
+from imagebert_jax.validate import ConfigError
 
 
 def _as_dict(state: TrainState) -> dict:
@@ -33,14 +36,12 @@ def _from_dict(d: dict) -> TrainState:
 
 
 class Checkpointer:
-  """Saves every `save_every` steps (and when forced), keeps the newest `keep`."""
+  """Saves the steps the training loop asks for; keeps the newest `keep`."""
 
-  def __init__(self, directory: str, *, save_every: int, keep: int = 3,
-               async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(int(save_every), 1), max_to_keep=keep, create=True,
-        enable_async_checkpointing=async_save)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def all_steps(self) -> list[int]:
@@ -49,10 +50,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: TrainState, *, force: bool = False) -> bool:
+  def save(self, step: int, state: TrainState) -> bool:
     saved = self.manager.save(
         int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(_as_dict(state))),
-        force=force)
+        force=True)
     if saved:
       logging.info("Saving checkpoint at step %d to %s", step, self.directory)
     return saved
@@ -63,16 +64,38 @@ class Checkpointer:
     return _from_dict(restored["state"])
 
   def restore_latest(self, abstract: TrainState) -> tuple[TrainState | None, int | None]:
-    """The newest checkpoint that restores. A damaged one is moved aside to
-    `../damaged_checkpoints/` with a warning, and the one before it is tried."""
+    """The newest checkpoint that restores.
+
+    A checkpoint that holds a different train state than `abstract` (another model or optimizer
+    setting) is an error naming the first difference. One that cannot be read (damaged) is moved
+    to `../damaged_checkpoints/` with a warning and the one before it is tried; with several
+    processes they take that decision together.
+    """
     for step in sorted(self.all_steps(), reverse=True):
+      folder = os.path.join(self.directory, str(step), "state")
       try:
-        return self.restore(step, abstract), step
+        saved = ocp.PyTreeCheckpointer().metadata(folder).item_metadata.tree
+      except Exception:  # noqa: BLE001 - unreadable metadata: a damaged checkpoint
+        saved = None
+      if saved is not None:
+        difference = _first_difference(_shapes(saved), _shapes(_as_dict(abstract)))
+        if difference:
+          raise CheckpointMismatch(
+              f"{self.directory}/{step}: the checkpoint holds a different train state than this "
+              f"config builds ({difference}); was a model or optimizer setting changed? Use a "
+              "new work directory, or start from its parameters with init.checkpoint")
+      error = None
+      try:
+        state = self.restore(step, abstract)
       except Exception as e:  # noqa: BLE001 - any failure to read it means it is unusable
-        logging.warning("Checkpoint at step %d in %s cannot be restored (%s: %s); using the one "
-                        "before it", step, self.directory, type(e).__name__,
-                        str(e).splitlines()[0][:200] if str(e) else "")
-        self._set_aside(step)
+        state, error = None, e
+      if _all_processes(state is not None):
+        return state, step
+      logging.warning("Checkpoint at step %d in %s cannot be restored (%s); using the one before "
+                      "it", step, self.directory,
+                      f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error
+                      else "another process could not read it")
+      self._set_aside(step)
     return None, None
 
   def _set_aside(self, step: int) -> None:
@@ -81,6 +104,7 @@ class Checkpointer:
       os.makedirs(aside, exist_ok=True)
       os.replace(os.path.join(self.directory, str(step)),
                  os.path.join(aside, f"{step}-{int(time.time())}"))
+    parallel.barrier(f"set_aside_{step}")
     self.manager.reload()
 
   def wait(self) -> None:
@@ -89,6 +113,54 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class CheckpointMismatch(ConfigError):
+  """A checkpoint of a different train state than the config builds."""
+
+
+def _shapes(tree: Any) -> Any:
+  """Structure and shapes of a train state or of a checkpoint's metadata, in one form: dicts by
+  key, lists for sequences, field dicts for named tuples (None when they have no fields)."""
+  if isinstance(tree, dict):
+    return {str(k): _shapes(v) for k, v in tree.items()}
+  if hasattr(tree, "_fields"):
+    return {f: _shapes(getattr(tree, f)) for f in tree._fields} if tree._fields else None
+  if isinstance(tree, (list, tuple)):
+    return [_shapes(v) for v in tree]
+  if tree is None:
+    return None
+  return tuple(getattr(tree, "shape", ()))
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+  if type(a) is not type(b):
+    return f"{path or '/'}: {type(a).__name__} in the checkpoint, {type(b).__name__} here"
+  if isinstance(a, dict):
+    if set(a) != set(b):
+      extra, missing = sorted(set(a) - set(b))[:3], sorted(set(b) - set(a))[:3]
+      return f"{path or '/'}: keys only in the checkpoint {extra}, only here {missing}"
+    for k in sorted(a):
+      d = _first_difference(a[k], b[k], f"{path}/{k}")
+      if d:
+        return d
+    return ""
+  if isinstance(a, list):
+    if len(a) != len(b):
+      return f"{path or '/'}: {len(a)} entries in the checkpoint, {len(b)} here"
+    for i, (x, y) in enumerate(zip(a, b)):
+      d = _first_difference(x, y, f"{path}/{i}")
+      if d:
+        return d
+    return ""
+  return "" if a == b else f"{path}: shape {a} in the checkpoint, {b} here"
+
+
+def _all_processes(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 def _restore_args(abstract) -> ocp.ArrayRestoreArgs:

@@ -43,15 +43,17 @@ KS = (1, 5, 10)
 def ranks(scores: np.ndarray, caption_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(image->text rank per image, text->image rank per caption), 0-based.
 
-  A rank counts the wrong candidates scoring strictly higher than the right one (for image->text
-  the right one is the image's best-scoring caption), without sorting.
+  A rank counts the wrong candidates scoring at least as high as the right one (for image->text
+  the right one is the image's best-scoring caption), without sorting. Ties count against the
+  model, so a scorer that gives everything the same score gets nothing.
   """
   n_img, n_cap = scores.shape
   own = caption_image[None, :] == np.arange(n_img)[:, None]
   best = np.max(np.where(own, scores, -np.inf), axis=1)
-  i2t = np.sum((scores > best[:, None]) & ~own, axis=1)
+  i2t = np.sum((scores >= best[:, None]) & ~own, axis=1)
   right = scores[caption_image, np.arange(n_cap)]
-  t2i = np.sum(scores > right[None, :], axis=0)
+  wrong = np.arange(n_img)[:, None] != caption_image[None, :]
+  t2i = np.sum((scores >= right[None, :]) & wrong, axis=0)
   return i2t, t2i
 
 
@@ -144,11 +146,6 @@ def load_split(data_dir: str, split: str, *, max_text_len: int, max_regions: int
                np.argsort(np.asarray(orders), kind="stable"))
 
 
-def _replicated(x: np.ndarray, mesh) -> jax.Array:
-  sharding = NamedSharding(mesh, P())
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
 # ------------------------------------------------------------------------------------------------
 # Scoring.
 # ------------------------------------------------------------------------------------------------
@@ -197,12 +194,15 @@ def score_all(params: Any, split: Split, graphdef: Any, mesh, rules, out_dir: st
   chunks_dir = os.path.join(out_dir, "chunks")
   os.makedirs(chunks_dir, exist_ok=True)
   n_img, n_cap = split.num_images, split.num_captions
-  arrays = tuple(_replicated(x, mesh) for x in (split.region_feat, split.region_loc,
+  arrays = tuple(parallel.replicated_array(x, mesh) for x in (split.region_feat, split.region_loc,
                                                  split.num_regions, split.text_ids))
   scorer = make_scorer(graphdef, mesh, rules, tile_images=tile_images,
                        tile_captions=tile_captions, pad_id=pad_id)
   starts = list(range(0, n_img, chunk_images))
-  done = {s for s in starts if os.path.exists(_chunk_path(chunks_dir, s))}
+  done = _finished_chunks(chunks_dir, starts, {
+      "images": n_img, "captions": n_cap, "chunk_images": chunk_images,
+      "text_checksum": int(np.sum(split.text_ids, dtype=np.int64)),
+      "params_checksum": _checksum(params)})
   if done:
     logging.info("Resuming evaluation: %d of %d chunks already scored", len(done), len(starts))
   total_pairs = n_img * n_cap
@@ -224,7 +224,7 @@ def score_all(params: Any, split: Split, graphdef: Any, mesh, rules, out_dir: st
       os.replace(path + ".tmp.npy", path)
     bar.update(rows * n_cap)
   bar.close()
-  _barrier("eval_chunks")
+  parallel.barrier("eval_chunks")
   elapsed = time.time() - t0
   if pairs_left:
     logging.info("Scored %s pairs in %.1fs: %.0f pairs/s", f"{pairs_left:,}", elapsed,
@@ -232,14 +232,44 @@ def score_all(params: Any, split: Split, graphdef: Any, mesh, rules, out_dir: st
   return np.concatenate([np.load(_chunk_path(chunks_dir, s)) for s in starts], axis=0)
 
 
-def _chunk_path(chunks_dir: str, start: int) -> str:
-  return os.path.join(chunks_dir, f"rows-{start:07d}.npy")
+def _checksum(params: Any) -> str:
+  """A fingerprint of the parameters (computed on the devices, the same on every process)."""
+  total = jax.jit(lambda p: sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in
+                                jax.tree.leaves(p)))(params)
+  return f"{float(total):.9e}"
 
 
-def _barrier(name: str) -> None:
+def _finished_chunks(chunks_dir: str, starts: list[int], manifest: dict) -> set[int]:
+  """The chunks already scored for this very evaluation (same split, chunking and parameters).
+
+  Chunks left by another evaluation in the folder are removed. Process 0 decides and every
+  process follows its decision.
+  """
+  path = os.path.join(chunks_dir, "manifest.json")
+  done = np.zeros(len(starts), bool)
+  if jax.process_index() == 0:
+    previous = None
+    if os.path.exists(path):
+      with open(path) as f:
+        previous = json.load(f)
+    if previous != manifest:
+      stale = glob.glob(os.path.join(chunks_dir, "rows-*.npy"))
+      if stale:
+        logging.warning("Removing %d score chunks of another evaluation from %s", len(stale),
+                        chunks_dir)
+      for p in stale:
+        os.remove(p)
+      with open(path, "w") as f:
+        json.dump(manifest, f)
+    done = np.array([os.path.exists(_chunk_path(chunks_dir, s)) for s in starts], bool)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+    done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+  return {s for s, d in zip(starts, done) if d}
+
+
+def _chunk_path(chunks_dir: str, start: int) -> str:
+  return os.path.join(chunks_dir, f"rows-{start:07d}.npy")
 
 
 class _progress:
@@ -272,7 +302,7 @@ def write_results(out_dir: str, scores: np.ndarray, split: Split, metrics: dict,
     json.dump(split.image_ids, f)
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump({**metrics, **extra}, f, indent=1)
-  for path in glob.glob(os.path.join(out_dir, "chunks", "*.npy")):
+  for path in glob.glob(os.path.join(out_dir, "chunks", "*")):
     os.remove(path)
 
 

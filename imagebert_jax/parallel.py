@@ -164,42 +164,22 @@ def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh,
   return out
 
 
-def shard_like(tree: Any, specs: Any, mesh: Mesh) -> Any:
-  """NamedShardings for a pytree of PartitionSpecs."""
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                      is_leaf=lambda x: isinstance(x, P))
-
-
-def create_sharded(init_fn: Callable[[], Any], out_specs: Any, mesh: Mesh) -> Any:
-  """Runs `init_fn` under jit with the given output shardings: no full copy on one device."""
-  shardings = shard_like(None, out_specs, mesh)
-  with jax.set_mesh(mesh):
-    return jax.jit(init_fn, out_shardings=shardings)()
-
-
-def describe_shardings(tree: Any) -> list[str]:
-  """One line per array: path, global shape, shard shape (for logs and tests)."""
-  lines = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if isinstance(leaf, jax.Array):
-      shard = leaf.addressable_shards[0].data.shape if leaf.addressable_shards else None
-      lines.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} -> {shard}")
-  return lines
-
-
 def log_mesh(mesh: Mesh) -> None:
   logging.info("Mesh %s over %d devices (%s), %d processes", dict(mesh.shape), mesh.size,
                jax.devices()[0].platform, jax.process_count())
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
+def replicated_array(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A host array copied to every device of every process (each process holds all of `x`)."""
+  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P()), lambda index: x[index])
+
+
+def barrier(name: str) -> None:
+  """All processes wait for each other here; nothing with one process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def tree_size(tree: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
-
-
-def cast_floating(tree: Any, dtype: Any) -> Any:
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                      tree)

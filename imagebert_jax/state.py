@@ -194,7 +194,9 @@ def make_train_step(spec: StateSpec, loss_fn: LossFn, tx: optax.GradientTransfor
                    skipped_updates=new_state.skipped.astype(jnp.float32),
                    nonfinite_in_a_row=new_state.skipped_in_a_row.astype(jnp.float32))
     if schedule is not None:
-      metrics["learning_rate"] = schedule(state.step)
+      # AdamW counts only the updates it applied; skipped steps leave its count behind.
+      applied = state.step - state.skipped if skip_nonfinite else state.step
+      metrics["learning_rate"] = schedule(applied)
     return new_state, metrics
 
   jitted = jax.jit(step_fn, in_shardings=(spec.shardings, None),

@@ -59,21 +59,13 @@ def prepare_data(config: ml_collections.ConfigDict, data: ml_collections.ConfigD
       synthetic.build(data_dir, {data.train_split: data.synthetic.train_images,
                                  data.eval_split: data.synthetic.eval_images}, spec,
                       max_text_len=config.model.max_text_len)
-    _barrier("synthetic_data")
-  if not data_dir:
-    raise ValueError("config.stages.<stage>.data.dir is empty: give the folder of a built "
-                     "dataset (or enable data.synthetic)")
-  info = records.read_info(data_dir)
-  vocab = config.text.vocab_file or os.path.join(data_dir, info.get("vocab_file", "vocab.txt"))
-  if not os.path.isfile(vocab):
-    raise FileNotFoundError(f"config.text.vocab_file: no such file: {vocab}")
+    parallel.barrier("synthetic_data")
+  from imagebert_jax.data import pipeline
+  dirs = pipeline.data_dirs(data_dir)
+  # validate() checked that every folder is a dataset built with the same vocabulary.
+  info = records.read_info(dirs[0])
+  vocab = config.text.vocab_file or os.path.join(dirs[0], info.get("vocab_file", "vocab.txt"))
   return data_dir, vocab
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
@@ -91,11 +83,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
 
 
 def pretrain_objective(obj_cfg: ml_collections.ConfigDict, ids) -> PretrainObjective:
-  values = obj_cfg.to_dict()
-  known = {f.name for f in dataclasses.fields(PretrainObjective)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    raise ValueError(f"config.objective: unknown keys {unknown}")
+  values = obj_cfg.to_dict()  # keys were checked by validate()
   obj = PretrainObjective(pad_id=ids.pad_id, cls_id=ids.cls_id, sep_id=ids.sep_id,
                           mask_id=ids.mask_id, random_token_range=ids.random_token_range,
                           vocab_size=ids.vocab_size, **values)
@@ -130,11 +118,7 @@ def objective_for(kind: str, obj_cfg: ml_collections.ConfigDict, ids):
   """The stage's static objective: PretrainObjective or RetrievalObjective."""
   if kind == "pretrain":
     return pretrain_objective(obj_cfg, ids)
-  values = obj_cfg.to_dict()
-  known = {f.name for f in dataclasses.fields(RetrievalObjective)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    raise ValueError(f"config.objective: unknown keys {unknown}")
+  values = obj_cfg.to_dict()  # keys were checked by validate()
   obj = RetrievalObjective(pad_id=ids.pad_id, **values)
   obj.validate()
   return obj
@@ -164,9 +148,11 @@ def starting_params(name: str, stage: ml_collections.ConfigDict, workdir: str,
   flat = ckpt_lib.flatten_paths(fresh)
   if stage.init.bert:
     from imagebert_jax import bert
-    host = {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
-    flat, filled, left = bert.initial_params(stage.init.bert, model_cfg, host)
-    logging.info("[%s] %d parameters from the BERT checkpoint %s", name, len(filled),
+    arrays, left = bert.initial_params(stage.init.bert, model_cfg, flat)
+    for key, value in arrays.items():  # placed shard by shard: works across processes
+      flat[key] = jax.make_array_from_callback(value.shape, flat[key].sharding,
+                                               lambda index, v=value: v[index])
+    logging.info("[%s] %d parameters from the BERT checkpoint %s", name, len(arrays),
                  stage.init.bert)
     if not source:
       logging.warning("[%s] not in the BERT checkpoint, freshly initialised: %s", name,
@@ -190,16 +176,20 @@ class Preempted(Exception):
 
 
 class Preemption:
-  """Notes SIGTERM (the preemption signal of cloud VMs); `reached(step)` says when to stop.
+  """Notes SIGTERM (the preemption signal of cloud VMs); `reached(step, boundary)` says when to stop.
 
-  With several processes they agree on the step through JAX's preemption sync point, so every
-  process writes the same checkpoint.
+  One process: a Python signal handler sets a flag, read at every step. Several processes: JAX's
+  preemption service (started by jax.distributed.initialize) catches the signal on any host and
+  the hosts agree on the step to stop at; `reached` must then be called at every step by all of
+  them. Without that service, the processes all-gather their flags at log and checkpoint steps
+  only (`boundary`), so there is no per-step synchronisation.
   """
 
   def __init__(self):
     self.requested = False
     self._previous = None
-    if threading.current_thread() is threading.main_thread():
+    self._service = jax.process_count() > 1 and _preemption_service_running()
+    if not self._service and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
@@ -208,19 +198,27 @@ class Preemption:
       logging.warning("Termination signal: checkpointing at the next step boundary")
     self.requested = True
 
-  def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      try:
-        return bool(multihost_utils.reached_preemption_sync_point(step))
-      except Exception:  # noqa: BLE001 - no preemption service: agree through a collective
-        flags = multihost_utils.process_allgather(np.asarray(self.requested))
-        return bool(np.any(flags))
-    return self.requested
+  def reached(self, step: int, boundary: bool) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    if self._service:
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    if not boundary:
+      return False
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
 
   def restore(self) -> None:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def _preemption_service_running() -> bool:
+  try:
+    from jax._src import distributed
+    return distributed.global_state.preemption_sync_manager is not None
+  except (ImportError, AttributeError):
+    return False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,11 +240,15 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
   ids = special_ids(vocab)
   model_cfg = model_config(config, ids.vocab_size)
   obj = objective_for(kind, stage.objective, ids)
-  if kind == "pretrain" and obj.moc_weight and not records.read_info(data_dir)["options"].get(
-      "has_object_labels", True):
+  labelled = [records.read_info(d)["options"].get("has_object_labels", True)
+              for d in pipeline.data_dirs(data_dir)]
+  if kind == "pretrain" and obj.moc_weight and not any(labelled):
     logging.warning("[%s] %s has no object class labels (its region features came without "
                     "them): masked object classification is off for this stage", name, data_dir)
     obj = dataclasses.replace(obj, moc_weight=0.0)
+  elif kind == "pretrain" and not all(labelled):
+    logging.warning("[%s] some of %s has no object class labels: masked object classification "
+                    "counts only the labelled regions", name, data_dir)
   pipe = pipeline.PipelineConfig(
       data_dir=data_dir, split=stage.data.train_split, batch_size=tcfg.batch_size,
       max_text_len=model_cfg.max_text_len, max_regions=model_cfg.max_regions,
@@ -263,7 +265,6 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
 
   # ---- Checkpoint: resume, or start (from another stage's parameters when asked) ------------
   checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"),
-                                       save_every=tcfg.checkpoint_every,
                                        keep=tcfg.keep_checkpoints)
   data_state = ckpt_lib.DataState(stage_dir)
   state, latest = checkpointer.restore_latest(spec.abstract)
@@ -287,13 +288,22 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
                                        seed=config.seed + 1)
 
   def evaluate(params) -> dict[str, float]:
+    if not stage.data.eval_split:
+      return {}
     ecfg = dataclasses.replace(pipe, split=stage.data.eval_split, seed=config.seed)
     history = []
     for i, batch in enumerate(pipeline.as_numpy(
         pipeline.eval_dataset(ecfg, max_batches=tcfg.eval_batches))):
-      if not batch.pop("mask").all():
-        continue  # the padded tail: losses here are means, so only whole batches count
+      whole = bool(batch.pop("mask").all())
+      if jax.process_count() > 1:  # every host must take the same decision
+        from jax.experimental import multihost_utils
+        whole = bool(np.all(multihost_utils.process_allgather(np.asarray(whole))))
+      if not whole:
+        continue  # the padded tail: these losses are means, so only whole batches count
       history.append(eval_step(params, parallel.global_batch(batch, mesh, rules), i))
+    if not history:
+      logging.warning("[%s] the split %r has fewer pairs than one batch of %d: no evaluation",
+                      name, stage.data.eval_split, tcfg.batch_size)
     return {f"eval/{k}": v for k, v in metrics_lib.mean_metrics(history).items()}
 
   # ---- Loop -----------------------------------------------------------------------------------
@@ -317,7 +327,7 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
       raise FloatingPointError(f"[{name}] step {step}: the parameters are not finite; not "
                                "checkpointing them")
     data_state.save(step, batches, history)
-    checkpointer.save(step, state, force=True)
+    checkpointer.save(step, state)
     data_state.prune(checkpointer.all_steps() + [step])
 
   def check_finite(metrics: dict, step: int) -> None:
@@ -349,8 +359,8 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
       if previous is not None:
         take(previous, step - 1)
       previous = step_metrics
-      stop = preemption.reached(step)
       log_now = step % tcfg.log_every == 0 or step == tcfg.num_steps
+      stop = preemption.reached(step, boundary=log_now or step % tcfg.checkpoint_every == 0)
       save_now = step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps or stop
       if log_now or save_now:
         take(previous, step)
@@ -362,8 +372,6 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
         writer.scalars(step, scalars)
         first = first or scalars
         last = scalars
-      if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.num_steps:
-        writer.scalars(step, evaluate(state.params))
       if save_now:
         save(step, state)
       if stop:
@@ -371,10 +379,13 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
         writer.close()
         raise Preempted(f"[{name}] stopped at step {step} on a termination signal; the "
                         "checkpoint is written: rerun the same command to resume")
+      if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.num_steps:
+        writer.scalars(step, evaluate(state.params))
   finally:
     preemption.restore()
   final_eval = evaluate(state.params)
-  writer.scalars(step, final_eval)
+  if final_eval:
+    writer.scalars(step, final_eval)
   checkpointer.close()
   writer.close()
   summary = {"kind": kind, "final_step": step, "train_first": first, "train_last": last,

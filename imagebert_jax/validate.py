@@ -7,6 +7,7 @@ sizes that do not fit, missing files and folders, a mesh or batch that does not 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any
 
@@ -70,6 +71,11 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   except ValueError as e:
     raise ConfigError(str(e)) from None
   batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  if jax.process_count() > 1 and jax.local_device_count() % mesh.shape["tensor"]:
+    raise ConfigError(f"config.mesh.shape={tuple(config.mesh.shape)}: the tensor axis "
+                      f"({mesh.shape['tensor']}) must fit within one host's "
+                      f"{jax.local_device_count()} devices, since each host feeds its own "
+                      "batch rows")
 
   names = [s.strip() for s in str(config.run).split(",") if s.strip()]
   if not names:
@@ -79,6 +85,74 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
       raise ConfigError(f"config.run={config.run!r}: no stage {name!r} in config.stages "
                         f"({sorted(config.stages.keys())})")
     _validate_stage(config, name, names[:i], workdir, model, batch_devices)
+
+
+def _digest(path: str) -> str | None:
+  if not os.path.isfile(path):
+    return None
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _validate_data(config, stage, where: str, kind: str, model: ModelConfig) -> None:
+  if not stage.data.dir:
+    raise ConfigError(f"{where}.data.dir is empty: give the folder of a built dataset")
+  from imagebert_jax.data import pipeline, records
+  dirs = pipeline.data_dirs(stage.data.dir)
+  if kind == "evaluate" and len(dirs) > 1:
+    raise ConfigError(f"{where}.data.dir={stage.data.dir!r}: an evaluation scores one dataset")
+  infos = {}
+  for d in dirs:
+    try:
+      infos[d] = records.read_info(d)
+    except FileNotFoundError:
+      raise ConfigError(f"{where}.data.dir={stage.data.dir!r}: {d} is not a built dataset "
+                        f"(no {records.INFO_FILE})") from None
+  # Splits: training needs its train split everywhere, evaluation its split somewhere.
+  if kind != "evaluate":
+    for d, info in infos.items():
+      if not pipeline.has_split(info, stage.data.train_split):
+        raise ConfigError(f"{where}.data.train_split={stage.data.train_split!r}: {d} has splits "
+                          f"{sorted(info['splits'])}")
+  split = stage.data.eval_split
+  if split and not any(pipeline.has_split(info, split) for info in infos.values()):
+    hint = "" if kind == "evaluate" else " (data.eval_split='' turns evaluation off)"
+    raise ConfigError(f"{where}.data.eval_split={split!r}: {stage.data.dir} has splits "
+                      f"{sorted({s for i in infos.values() for s in i['splits']})}{hint}")
+  if kind == "evaluate":
+    if not split:
+      raise ConfigError(f"{where}.data.eval_split is empty: name the split to score")
+    info = infos[dirs[0]]
+    images = sum(info["splits"][n]["records"] for n in pipeline._split_names(split))
+    if stage.eval.max_images:
+      images = min(images, stage.eval.max_images)
+    need = {"coco1k": 5000, "first1k": 1000}.get(stage.eval.protocol, 0)
+    if images < need:
+      raise ConfigError(f"{where}.eval.protocol={stage.eval.protocol!r} needs {need} images; "
+                        f"{split!r} of {dirs[0]} gives {images}")
+  # One vocabulary: the one the datasets were tokenized with.
+  vocabs = {d: _digest(os.path.join(d, info.get("vocab_file", "vocab.txt")))
+            for d, info in infos.items()}
+  known = {v for v in vocabs.values() if v}
+  if len(known) > 1:
+    raise ConfigError(f"{where}.data.dir={stage.data.dir!r}: the datasets were tokenized with "
+                      "different vocabularies")
+  if config.text.vocab_file and known and _digest(config.text.vocab_file) not in known:
+    raise ConfigError(f"config.text.vocab_file={config.text.vocab_file!r} is not the vocabulary "
+                      f"{dirs[0]} was tokenized with")
+  for d, info in infos.items():
+    opts = info["options"]
+    if opts["feature_dim"] != model.region_feature_dim:
+      raise ConfigError(f"config.model.region_feature_dim={model.region_feature_dim}: {d} "
+                        f"holds {opts['feature_dim']}-d region features")
+    if opts["max_boxes"] > model.max_regions:
+      raise ConfigError(f"config.model.max_regions={model.max_regions} is smaller than the "
+                        f"{opts['max_boxes']} regions per image {d} may hold: raise it, or "
+                        "rebuild with --max_boxes")
+    if kind == "pretrain" and stage.objective.moc_loss == "kl" and not opts.get(
+        "class_probs_dim"):
+      raise ConfigError(f"{where}.objective.moc_loss='kl': {d} stores no class distributions "
+                        "(build it with --class_probs_dim)")
 
 
 def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: ModelConfig,
@@ -134,32 +208,10 @@ def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: 
 
   # Data.
   if not stage.data.synthetic.enabled:
-    if not stage.data.dir:
-      raise ConfigError(f"{where}.data.dir is empty: give the folder of a built dataset")
-    from imagebert_jax.data import pipeline, records
-    for d in pipeline.data_dirs(stage.data.dir):
-      try:
-        info = records.read_info(d)
-      except FileNotFoundError:
-        raise ConfigError(f"{where}.data.dir={stage.data.dir!r}: {d} is not a built dataset "
-                          f"(no {records.INFO_FILE})") from None
-      split = stage.data.eval_split if kind == "evaluate" else stage.data.train_split
-      if not pipeline.has_split(info, split):
-        key = "eval_split" if kind == "evaluate" else "train_split"
-        raise ConfigError(f"{where}.data.{key}={split!r}: {d} has splits "
-                          f"{sorted(info['splits'])}")
-      opts = info["options"]
-      if opts["feature_dim"] != model.region_feature_dim:
-        raise ConfigError(f"config.model.region_feature_dim={model.region_feature_dim}: {d} "
-                          f"holds {opts['feature_dim']}-d region features")
-      if opts["max_boxes"] > model.max_regions:
-        raise ConfigError(f"config.model.max_regions={model.max_regions} is smaller than the "
-                          f"{opts['max_boxes']} regions per image {d} may hold: raise it, or "
-                          "rebuild with --max_boxes")
-      if kind == "pretrain" and stage.objective.moc_loss == "kl" and not opts.get(
-          "class_probs_dim"):
-        raise ConfigError(f"{where}.objective.moc_loss='kl': {d} stores no class distributions "
-                          "(build it with --class_probs_dim)")
+    _validate_data(config, stage, where, kind, model)
+  elif not stage.data.eval_split:
+    raise ConfigError(f"{where}.data.eval_split is empty: the synthetic data needs a name for its "
+                      "evaluation split")
 
   # Where the weights come from.
   init = stage.init

@@ -64,7 +64,7 @@ def main():
   spec = state_lib.state_spec(TINY, tx, mesh, RULES, seed=0)
   out = {"process": jax.process_index(), "processes": jax.process_count(),
          "devices": jax.device_count()}
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"), save_every=1, keep=1)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"), keep=1)
   if mode == "train":
     state = state_lib.create_state(spec, TINY, tx, seed=0)
     step = state_lib.make_train_step(spec, functools.partial(pretrain_loss, obj=OBJ), tx,
@@ -76,7 +76,7 @@ def main():
       state, metrics = step(state, batch)
       losses.append(float(metrics["loss"]))
     out["losses"] = losses
-    ckpt.save(3, state, force=True)
+    ckpt.save(3, state)
     ckpt.close()
     out["params_checksum"] = checksum(state.params)
     # Evaluation sharded over every device of every process.
@@ -90,7 +90,7 @@ def main():
   else:
     ckpt.close()
     source = mode.split(":", 1)[1]
-    other = checkpoint.Checkpointer(source, save_every=1, keep=1)
+    other = checkpoint.Checkpointer(source, keep=1)
     restored = other.restore(other.latest_step(), spec.abstract)
     out["params_checksum"] = checksum(restored.params)
     out["step"] = int(jax.device_get(restored.step))

@@ -35,9 +35,10 @@ def loaded():
   model = ImageBert(MINILM, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   fresh = checkpoint.flatten_paths(nnx.to_pure_dict(state))
-  params, filled, left = bert.initial_params(minilm_dir(), MINILM, fresh)
+  arrays, left = bert.initial_params(minilm_dir(), MINILM, fresh)
+  params = {**fresh, **arrays}
   model = nnx.merge(graphdef, checkpoint.nest_like(params, nnx.to_pure_dict(state)))
-  return model, filled, left
+  return model, sorted("/".join(k) for k in arrays), left
 
 
 def test_hidden_states_match_transformers(loaded):
@@ -84,3 +85,47 @@ def test_mismatched_sizes_are_refused(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 384}))
   with pytest.raises(FileNotFoundError, match="no model.safetensors or pytorch_model.bin"):
     bert.check_compatible(str(tmp_path), MINILM)
+
+
+def test_a_stage_starts_from_bert(tmp_path):
+  """init.bert through the training loop: the text side starts as MiniLM, the rest fresh."""
+  import orbax.checkpoint as ocp
+
+  from imagebert_jax import config_defaults, train
+  from imagebert_jax.data import build as build_lib
+  from imagebert_jax.data.regionfile import RegionFileWriter, RegionRecord
+  rng = np.random.default_rng(0)
+  regions = tmp_path / "r.ibrf"
+  with RegionFileWriter(str(regions)) as w:
+    for i in range(16):
+      w.write(RegionRecord(image_id=str(i), image_w=10, image_h=10,
+                           boxes=np.tile([[1.0, 1.0, 5.0, 5.0]], (2, 1)).astype(np.float32),
+                           features=rng.normal(size=(2, 8)).astype(np.float16),
+                           object_id=np.zeros(2, np.int32), object_conf=np.ones(2, np.float32)))
+  caps = tmp_path / "c.jsonl"
+  caps.write_text("".join(json.dumps({"image_id": str(i), "caption": "a dog on the grass"}) + "\n"
+                          for i in range(16)))
+  vocab = os.path.join(minilm_dir(), "vocab.txt")
+  build_lib.build_dataset(build_lib.BuildSpec(
+      name="t", out_dir=str(tmp_path / "data"), regions=[str(regions)], captions=[str(caps)],
+      vocab_file=vocab, max_text_len=16, feature_dim=8, min_boxes=1, max_boxes=2, log_every=0))
+  c = config_defaults.run_config()
+  c.model.update(dict(hidden_size=384, num_layers=6, num_heads=12, mlp_dim=1536, max_text_len=16,
+                      max_regions=2, region_feature_dim=8, num_object_classes=4, dtype="float32",
+                      dropout_rate=0.0, attention_dropout_rate=0.0))
+  c.text.vocab_file = vocab
+  c.stages.pretrain = config_defaults.pretrain_stage(
+      config_defaults.data_default(str(tmp_path / "data"), eval_split=""), batch_size=8,
+      num_steps=1, learning_rate=1e-30)
+  c.stages.pretrain.init.bert = minilm_dir()
+  c.stages.pretrain.optim.update(dict(warmup_steps=0, weight_decay=0.0))
+  c.stages.pretrain.train.update(dict(log_every=1, checkpoint_every=1, eval_every=0))
+  c.run = "pretrain"
+  train.train_and_evaluate(c, str(tmp_path / "run"))
+  saved = ocp.PyTreeCheckpointer().restore(
+      str(tmp_path / "run" / "pretrain" / "checkpoints" / "1" / "state"))["params"]
+  want = bert.load_weights(minilm_dir())
+  np.testing.assert_allclose(saved["word"]["embedding"],
+                             want["embeddings.word_embeddings.weight"], atol=1e-12)
+  np.testing.assert_allclose(saved["encoder"]["layers"]["5"]["mlp_out"]["bias"],
+                             want["encoder.layer.5.output.dense.bias"], atol=1e-12)

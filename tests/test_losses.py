@@ -139,3 +139,12 @@ def test_padded_vocabulary_rows_are_never_predicted():
     losses.append(float(m["mlm_loss"]))
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
   assert losses[0] < 20  # a +100 bias on the padding would have made it about 100
+
+
+def test_regions_without_a_detector_class_do_not_count_for_moc():
+  model = ImageBert(TINY, rngs=nnx.Rngs(0))
+  batch = random_batch(np.random.default_rng(6), 4)
+  batch["region_class"][:] = -1  # e.g. npz features stored without class distributions
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  _, m = P.pretrain_loss(model, batch, jax.random.key(0), _objective(itm_neg_prob=0.0))
+  assert float(m["moc_loss"]) == 0.0 and float(m["mlm_loss"]) > 0

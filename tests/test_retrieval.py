@@ -184,3 +184,27 @@ def test_write_results_files(tmp_path):
   import json
   saved = json.loads((tmp_path / "metrics.json").read_text())
   assert saved["i2t_R@1"] == m["i2t_R@1"] and saved["protocol"] == "full"
+
+
+def test_ties_count_against_the_model():
+  owner = np.repeat(np.arange(20), 2)
+  m = evaluate.recall(np.zeros((20, 40)), owner)
+  assert m["rsum"] == 0.0  # a constant scorer retrieves nothing
+  s = np.zeros((20, 40))
+  s[owner, np.arange(40)] = 1.0  # the right pairs strictly best
+  assert evaluate.recall(s, owner)["rsum"] == 600.0
+
+
+def test_chunks_of_another_evaluation_are_not_reused(tmp_path):
+  rng = np.random.default_rng(5)
+  split = _split(rng)
+  mesh = parallel.make_mesh((-1, 1, 1))
+  graphdef, params = state_lib.create_params(TINY, mesh, RULES, seed=0)
+  kw = dict(pad_id=PAD, tile_images=2, tile_captions=8, chunk_images=4, progress=False)
+  first = evaluate.score_all(params, split, graphdef, mesh, RULES, str(tmp_path), **kw)
+  # Other parameters: the saved chunks must not be taken for theirs.
+  _, other = state_lib.create_params(TINY, mesh, RULES, seed=1)
+  second = evaluate.score_all(other, split, graphdef, mesh, RULES, str(tmp_path), **kw)
+  assert not np.allclose(first, second)
+  third = evaluate.score_all(other, split, graphdef, mesh, RULES, str(tmp_path), **kw)
+  np.testing.assert_array_equal(second, third)

@@ -136,3 +136,36 @@ def test_sharded_gradients_equal_one_device_gradients():
                           jax.tree.leaves(grads[1])):
     err = np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12)
     assert err < 1e-4, f"{jax.tree_util.keystr(path)}: relative gradient error {err:.2e}"
+
+
+def test_skipped_update_leaves_state_and_learning_rate_behind():
+  """A non-finite step changes nothing; the next logged rate is the one AdamW's count gives."""
+  import jax.numpy as jnp
+
+  def loss(model, batch, key):
+    del key
+    region_mask = jnp.arange(CFG.max_regions)[None] < batch["num_regions"][:, None]
+    text_h, _ = model.encode(batch["text_ids"], batch["text_ids"] != PAD, batch["region_feat"],
+                             batch["region_loc"], region_mask)
+    out = jnp.mean(jnp.square(model.itm_logit(text_h))) * batch["scale"][0]
+    return out, {"loss": out}
+
+  cfg = dataclasses.replace(CFG, dropout_rate=0.0, attention_dropout_rate=0.0)
+  mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+  tx, schedule = _optim()
+  spec = state_lib.state_spec(cfg, tx, mesh, RULES, seed=0)
+  state = state_lib.create_state(spec, cfg, tx, seed=0)
+  step = state_lib.make_train_step(spec, loss, tx, seed=0, schedule=schedule)
+  host = random_batch(np.random.default_rng(1), 4, cfg)
+  rates = []
+  for i, scale in enumerate((1.0, 1.0, np.nan, 1.0)):
+    before = np.asarray(state.params["itm"]["kernel"])
+    batch = parallel.global_batch(dict(host, scale=np.full((4,), scale, np.float32)), mesh, RULES)
+    state, metrics = step(state, batch)
+    rates.append(float(metrics["learning_rate"]))
+    changed = not np.array_equal(before, np.asarray(state.params["itm"]["kernel"]))
+    assert changed == (i in (1, 3)), i  # step 0 runs at learning rate 0, step 2 is skipped
+  assert int(state.step) == 4 and int(state.skipped) == 1
+  # Warm up over 1 step, then decay linearly to 0 over the other 9 (see _optim). The skipped step
+  # reports the rate it would have used; the step after it uses that same rate.
+  np.testing.assert_allclose(rates, [0.0, 1e-3, 1e-3 * 8 / 9, 1e-3 * 8 / 9], rtol=1e-6)

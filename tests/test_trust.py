@@ -274,3 +274,15 @@ def test_main_prints_one_line_for_a_config_error(tmp_path):
   assert out.returncode == 2
   assert "Traceback" not in out.stderr
   assert "config.model.num_heads=5 does not divide" in out.stderr
+
+
+def test_a_checkpoint_of_another_train_state_is_an_error_not_damage(tmp_path):
+  config = _tiny_pretrain(4)
+  train.train_and_evaluate(config, str(tmp_path))
+  os.remove(tmp_path / "pretrain" / train.DONE_FILE)
+  config.stages.pretrain.train.num_steps = 6
+  config.stages.pretrain.optim.grad_clip_norm = 0.0  # one optimizer state fewer
+  with pytest.raises(ConfigError, match=r"checkpoints/4: the checkpoint holds a different train "
+                                        r"state than this config builds \(/opt_state"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert os.path.isdir(tmp_path / "pretrain" / "checkpoints" / "4")  # not set aside

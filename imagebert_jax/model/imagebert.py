@@ -125,6 +125,8 @@ class ImageBert(nnx.Module):
     """
     cfg = self.cfg
     impl = resolve_attention_impl(cfg)
+    if dropout_key is not None and cfg.attention_dropout_rate > 0:
+      impl = "xla"  # attention dropout needs the explicit path, which takes any mask
     pack = impl == "cudnn" if pack is None else (pack or impl == "cudnn")
     keys = KeySplitter(dropout_key)
     t = self.embed_text(text_ids, keys())
@@ -148,11 +150,16 @@ class ImageBert(nnx.Module):
     return text_h, region_h
 
   def pooled(self, text_h: jax.Array) -> jax.Array:
-    return jnp.tanh(self.pooler(text_h[:, 0]))
+    """tanh(Dense([CLS])), computed in float32: retrieval ranks by this, and ties from a bfloat16
+    score would be common among thousands of candidates."""
+    cls = text_h[:, 0].astype(jnp.float32)
+    kernel = self.pooler.kernel[...].astype(jnp.float32)
+    return jnp.tanh(cls @ kernel + self.pooler.bias[...].astype(jnp.float32))
 
   def itm_logit(self, text_h: jax.Array) -> jax.Array:
-    """The image-text matching score (a logit) from [CLS]: [B]."""
-    return self.itm(self.pooled(text_h))[..., 0].astype(jnp.float32)
+    """The image-text matching score (a logit) from [CLS]: [B], float32."""
+    kernel = self.itm.kernel[...].astype(jnp.float32)
+    return (self.pooled(text_h) @ kernel)[..., 0] + self.itm.bias[...].astype(jnp.float32)[0]
 
   def mlm_logits(self, h: jax.Array) -> jax.Array:
     logits = self.word.attend(self.mlm_transform(h))

@@ -152,7 +152,9 @@ def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
   probs = None
   if obj.moc_loss == "kl":
     probs = gather_rows(batch["region_probs"][swap.region_src], rm.positions)
-  l_moc, a_moc = moc_loss(model.moc_logits(masked_h), class_labels, rm.weights * matched, probs)
+  known = (class_labels >= 0).astype(jnp.float32)  # -1: the detector gave no class
+  l_moc, a_moc = moc_loss(model.moc_logits(masked_h), jnp.maximum(class_labels, 0),
+                          rm.weights * matched * known, probs)
 
   target_feat = gather_rows(region_feat, rm.positions)
   l_mrfr = mrfr_loss(model.mrfr_prediction(masked_h), target_feat, rm.weights * matched)
