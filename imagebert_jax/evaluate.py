@@ -23,6 +23,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -302,8 +303,7 @@ def write_results(out_dir: str, scores: np.ndarray, split: Split, metrics: dict,
     json.dump(split.image_ids, f)
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump({**metrics, **extra}, f, indent=1)
-  for path in glob.glob(os.path.join(out_dir, "chunks", "*")):
-    os.remove(path)
+  shutil.rmtree(os.path.join(out_dir, "chunks"), ignore_errors=True)
 
 
 def format_metrics(rows: dict[str, dict[str, float]]) -> str:

@@ -178,7 +178,10 @@ def test_write_results_files(tmp_path):
   split = _split(rng, n_img=3, caps=2)
   scores = rng.normal(size=(3, 6)).astype(np.float32)
   m = evaluate.recall(scores, split.caption_image)
+  (tmp_path / "chunks").mkdir()
+  np.save(tmp_path / "chunks" / "rows-0000000.npy", scores[:2])
   evaluate.write_results(str(tmp_path), scores, split, m, {"protocol": "full"})
+  assert not (tmp_path / "chunks").exists()  # the finished evaluation leaves no partial state
   np.testing.assert_array_equal(np.load(tmp_path / "scores.npy"), scores)
   np.testing.assert_array_equal(np.load(tmp_path / "caption_image.npy"), split.caption_image)
   import json
