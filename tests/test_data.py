@@ -130,6 +130,24 @@ def test_eval_pipeline_yields_every_pair_once_with_fixed_shapes(small_dataset):
   assert sorted(seen) == sorted((i, k) for i, c in captions.items() for k in range(len(c)))
 
 
+def test_a_process_with_no_records_still_runs_every_eval_batch(small_dataset, monkeypatch):
+  """Five records over eight processes: the last processes hold none, yet must take part in as
+  many evaluation batches as the others (here one), with every row marked as padding."""
+  import jax
+  from jax.experimental import multihost_utils
+  out, vocab, _, _ = small_dataset
+  monkeypatch.setattr(jax, "process_count", lambda: 8)
+  monkeypatch.setattr(jax, "process_index", lambda: 7)
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.asarray([1, 0]))
+  cfg = _pipe(out, vocab, batch_size=16)  # two rows per process
+  assert pipeline.count_local_pairs(cfg) == 0
+  batches = list(pipeline.as_numpy(pipeline.eval_dataset(cfg)))
+  assert len(batches) == 1 and batches[0]["text_ids"].shape == (2, 6)
+  assert not batches[0]["mask"].any()
+  with pytest.raises(ValueError, match=r"no records for process 7 of 8"):
+    pipeline.train_dataset(cfg)
+
+
 def test_region_inputs_match_numpy(small_dataset):
   out, vocab, _, _ = small_dataset
   opts = records.RecordOptions(feature_dim=8, min_boxes=1, max_boxes=12)

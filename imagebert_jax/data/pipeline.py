@@ -181,14 +181,27 @@ def has_split(info: dict, split: str) -> bool:
   return all(name in info["splits"] for name in _split_names(split))
 
 
-def _read_one(data_dir: str, cfg: PipelineConfig, *, shuffle_files: bool):
+def local_records(data_dir: str, split: str) -> int:
+  """Records of `split` in this process's share (0 when the split has fewer records than there
+  are processes and this one gets none)."""
+  import tensorflow_datasets as tfds
+  builder, info = open_dataset(data_dir)
+  if not has_split(info, split):
+    return 0
+  return int(builder.info.splits[tfds.split_for_jax_process(split)].num_examples)
+
+
+def _read_one(data_dir: str, cfg: PipelineConfig, *, shuffle_files: bool,
+              whole_split: bool = False):
+  """This process's share of the split (all of it with `whole_split`)."""
   import tensorflow_datasets as tfds
   builder, info = open_dataset(data_dir)
   if not has_split(info, cfg.split):
     raise ValueError(f"{data_dir}: no split {cfg.split!r}; it has {sorted(info['splits'])}")
   read_config = tfds.ReadConfig(shuffle_seed=cfg.seed, interleave_cycle_length=4,
                                 try_autocache=False, options=_options(cfg), add_tfds_id=False)
-  ds = builder.as_dataset(split=tfds.split_for_jax_process(cfg.split),
+  split = cfg.split if whole_split else tfds.split_for_jax_process(cfg.split)
+  ds = builder.as_dataset(split=split,
                           shuffle_files=shuffle_files, read_config=read_config,
                           decoders={"captions": tfds.decode.SkipDecoding()})
   return ds.with_options(_options(cfg)), info, "class_probs" in builder.info.features
@@ -210,7 +223,14 @@ def train_dataset(cfg: PipelineConfig):
   With several dataset folders, pairs are drawn from each in proportion to its size.
   """
   import tensorflow as tf
-  streams = [_pair_stream(d, cfg) for d in data_dirs(cfg.data_dir)]
+  import jax
+  dirs = data_dirs(cfg.data_dir)
+  mine = [d for d in dirs if local_records(d, cfg.split)]
+  if not mine:
+    raise ValueError(f"{cfg.data_dir}: split {cfg.split!r} has no records for process "
+                     f"{jax.process_index()} of {jax.process_count()}; a training split needs at "
+                     f"least one record per process")
+  streams = [_pair_stream(d, cfg) for d in mine]
   if len(streams) == 1:
     ds = streams[0][0]
   else:
@@ -259,9 +279,9 @@ def count_local_pairs(cfg: PipelineConfig) -> int:
   import tensorflow_datasets as tfds
   total = 0
   for data_dir in data_dirs(cfg.data_dir):
-    builder, info = open_dataset(data_dir)
-    if not has_split(info, cfg.split):
+    if not local_records(data_dir, cfg.split):
       continue
+    builder, _ = open_dataset(data_dir)
     decoders = {k: tfds.decode.SkipDecoding() for k in builder.info.features
                 if k not in ("caption_lengths",)}
     ds = builder.as_dataset(split=tfds.split_for_jax_process(cfg.split), shuffle_files=False,
@@ -278,13 +298,17 @@ def eval_dataset(cfg: PipelineConfig, *, max_batches: int | None = None):
   evaluation never waits on a host that ran out.
   """
   import jax
-  parts = [_read_one(d, cfg, shuffle_files=False) for d in data_dirs(cfg.data_dir)
-           if has_split(open_dataset(d)[1], cfg.split)]
-  if not parts:
+  dirs = [d for d in data_dirs(cfg.data_dir) if has_split(open_dataset(d)[1], cfg.split)]
+  if not dirs:
     raise ValueError(f"{cfg.data_dir}: no dataset there has the split {cfg.split!r}")
-  ds, _, stored_probs = parts[0]
-  for more, _, _ in parts[1:]:
-    ds = ds.concatenate(more)
+  parts = [_read_one(d, cfg, shuffle_files=False) for d in dirs if local_records(d, cfg.split)]
+  if parts:
+    ds, _, stored_probs = parts[0]
+    for more, _, _ in parts[1:]:
+      ds = ds.concatenate(more)
+  else:
+    ds, _, stored_probs = _read_one(dirs[0], cfg, shuffle_files=False, whole_split=True)
+    ds = ds.take(0)
   local = _local_batch(cfg.batch_size)
   local_pairs = count_local_pairs(cfg)
   needed = -(-local_pairs // local)
@@ -295,7 +319,14 @@ def eval_dataset(cfg: PipelineConfig, *, max_batches: int | None = None):
   real = min(local_pairs, num_batches * local)
   ds = _pairs(ds, cfg, stored_probs).map(lambda image, caption: {**image, **caption,
                                                                   "mask": True})
-  padding = ds.take(1).map(lambda x: {**x, "mask": False}).repeat(num_batches * local - real)
+  filler = ds
+  if real == 0:
+    # This process's share is empty (a split with fewer records than processes): its padding rows
+    # copy the split's first pair so that it still runs every batch the others run.
+    whole, _, _ = _read_one(dirs[0], cfg, shuffle_files=False, whole_split=True)
+    filler = _pairs(whole, cfg, stored_probs).map(lambda image, caption: {**image, **caption,
+                                                                          "mask": True})
+  padding = filler.take(1).map(lambda x: {**x, "mask": False}).repeat(num_batches * local - real)
   ds = ds.take(real).concatenate(padding)
   return ds.batch(local, drop_remainder=True).prefetch(cfg.prefetch)
 
