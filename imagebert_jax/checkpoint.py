@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from imagebert_jax import parallel
 from imagebert_jax.state import TrainState
@@ -74,7 +75,7 @@ class Checkpointer:
     for step in sorted(self.all_steps(), reverse=True):
       folder = os.path.join(self.directory, str(step), "state")
       try:
-        saved = ocp.PyTreeCheckpointer().metadata(folder).item_metadata.tree
+        saved = tree_metadata(folder)
       except Exception:  # noqa: BLE001 - unreadable metadata: a damaged checkpoint
         saved = None
       if saved is not None:
@@ -188,6 +189,13 @@ def state_dir(path: str) -> str:
   raise FileNotFoundError(f"{path}: no checkpoint there")
 
 
+def tree_metadata(path: str) -> Any:
+  """The saved tree's structure (shapes and dtypes, no data) of one checkpoint item folder."""
+  # Read through the item handler: the checkpointer would also look for step metadata, which
+  # lives one folder up, and warn that it is missing.
+  return ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
+
+
 def flatten_paths(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
   """A nested dict as {path of string keys: leaf} (layer indices become '0', '1', ...)."""
   if isinstance(tree, dict):
@@ -211,7 +219,7 @@ def load_params(path: str, abstract_params: Any) -> tuple[dict[tuple, Any], list
   paths the target lacks). A parameter whose shape differs is an error naming it."""
   directory = state_dir(path)
   checkpointer = ocp.PyTreeCheckpointer()
-  meta = checkpointer.metadata(directory).item_metadata.tree
+  meta = tree_metadata(directory)
   if "params" not in meta:
     raise ValueError(f"{directory}: the checkpoint holds no 'params'")
   source = flatten_paths(meta["params"])
