@@ -17,7 +17,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -90,7 +89,7 @@ class Checkpointer:
         state = self.restore(step, abstract)
       except Exception as e:  # noqa: BLE001 - any failure to read it means it is unusable
         state, error = None, e
-      if _all_processes(state is not None):
+      if parallel.all_processes(state is not None):
         return state, step
       logging.warning("Checkpoint at step %d in %s cannot be restored (%s); using the one before "
                       "it", step, self.directory,
@@ -155,13 +154,6 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
         return d
     return ""
   return "" if a == b else f"{path}: shape {a} in the checkpoint, {b} here"
-
-
-def _all_processes(ok: bool) -> bool:
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 def _restore_args(abstract) -> ocp.ArrayRestoreArgs:

@@ -180,5 +180,22 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def process_max(x: Any) -> np.ndarray:
+  """The elementwise maximum of `x` over all processes (`x` itself with one process)."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils
+  return np.max(multihost_utils.process_allgather(x), axis=0)
+
+
+def any_process(flag: bool) -> bool:
+  return bool(process_max(bool(flag)))
+
+
+def all_processes(flag: bool) -> bool:
+  return not any_process(not flag)
+
+
 def tree_size(tree: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))

@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from imagebert_jax import checkpoint as ckpt_lib
 from imagebert_jax import metrics as metrics_lib
@@ -27,7 +26,7 @@ from imagebert_jax import state as state_lib
 from imagebert_jax.model import ModelConfig
 from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss
 from imagebert_jax.objectives.retrieval import RetrievalObjective, retrieval_loss
-from imagebert_jax.validate import ConfigError, validate  # noqa: F401 - ConfigError for main
+from imagebert_jax.validate import ConfigError, run_names, validate  # noqa: F401 - ConfigError for main
 
 DONE_FILE = "DONE.json"
 
@@ -35,15 +34,6 @@ DONE_FILE = "DONE.json"
 # ------------------------------------------------------------------------------------------------
 # Helpers shared by the stages.
 # ------------------------------------------------------------------------------------------------
-def stage_names(config: ml_collections.ConfigDict) -> list[str]:
-  names = [s.strip() for s in str(config.run).split(",") if s.strip()]
-  for name in names:
-    if name not in config.stages:
-      raise ValueError(f"config.run names stage {name!r}, but config.stages has "
-                       f"{sorted(config.stages.keys())}")
-  return names
-
-
 def prepare_data(config: ml_collections.ConfigDict, data: ml_collections.ConfigDict,
                  workdir: str) -> tuple[str, str]:
   """(dataset folder, vocabulary file); builds the synthetic dataset first when asked to."""
@@ -204,9 +194,7 @@ class Preemption:
     from jax.experimental import multihost_utils
     if self._service:
       return bool(multihost_utils.reached_preemption_sync_point(step))
-    if not boundary:
-      return False
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+    return boundary and parallel.any_process(self.requested)
 
   def restore(self) -> None:
     if self._previous is not None:
@@ -292,14 +280,10 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
       return {}
     ecfg = dataclasses.replace(pipe, split=stage.data.eval_split, seed=config.seed)
     history = []
+    # The losses are means over batches, so only batches without padding rows count.
     for i, batch in enumerate(pipeline.as_numpy(
-        pipeline.eval_dataset(ecfg, max_batches=tcfg.eval_batches))):
-      whole = bool(batch.pop("mask").all())
-      if jax.process_count() > 1:  # every host must take the same decision
-        from jax.experimental import multihost_utils
-        whole = bool(np.all(multihost_utils.process_allgather(np.asarray(whole))))
-      if not whole:
-        continue  # the padded tail: these losses are means, so only whole batches count
+        pipeline.eval_dataset(ecfg, max_batches=tcfg.eval_batches, whole_only=True))):
+      del batch["mask"]
       history.append(eval_step(params, parallel.global_batch(batch, mesh, rules), i))
     if not history:
       logging.warning("[%s] the split %r has fewer pairs than one batch of %d: no evaluation",
@@ -485,10 +469,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   validate(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   results = {}
-  for name in stage_names(config):
+  for name in run_names(config):
     kind = config.stages[name].kind
-    if kind not in STAGE_KINDS:
-      raise ValueError(f"config.stages.{name}.kind={kind!r}: want one of {sorted(STAGE_KINDS)}")
     done = stage_done(workdir, name)
     if done is not None:
       logging.info("Stage %s already finished; skipping it", name)

@@ -77,7 +77,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
                       f"{jax.local_device_count()} devices, since each host feeds its own "
                       "batch rows")
 
-  names = [s.strip() for s in str(config.run).split(",") if s.strip()]
+  names = run_names(config)
   if not names:
     raise ConfigError(f"config.run={config.run!r}: no stages to run")
   for i, name in enumerate(names):
@@ -85,6 +85,11 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
       raise ConfigError(f"config.run={config.run!r}: no stage {name!r} in config.stages "
                         f"({sorted(config.stages.keys())})")
     _validate_stage(config, name, names[:i], workdir, model, batch_devices)
+
+
+def run_names(config: ml_collections.ConfigDict) -> list[str]:
+  """The stages `config.run` lists, in order."""
+  return [s.strip() for s in str(config.run).split(",") if s.strip()]
 
 
 def _digest(path: str) -> str | None:

@@ -128,6 +128,12 @@ def test_eval_pipeline_yields_every_pair_once_with_fixed_shapes(small_dataset):
         np.testing.assert_array_equal(got[:len(want)], want)
         assert (got[len(want):] == ids.pad_id).all()
   assert sorted(seen) == sorted((i, k) for i, c in captions.items() for k in range(len(c)))
+  # Batches of 3: the third of three holds padding; only the two whole ones are kept on request.
+  padded = list(pipeline.as_numpy(pipeline.eval_dataset(_pipe(out, vocab, batch_size=3))))
+  whole = list(pipeline.as_numpy(pipeline.eval_dataset(_pipe(out, vocab, batch_size=3),
+                                                        whole_only=True)))
+  assert [b["mask"].tolist() for b in padded] == [[True] * 3, [True] * 3, [True, True, False]]
+  assert len(whole) == 2 and all(b["mask"].all() for b in whole)
 
 
 def test_a_process_with_no_records_still_runs_every_eval_batch(small_dataset, monkeypatch):
@@ -138,7 +144,8 @@ def test_a_process_with_no_records_still_runs_every_eval_batch(small_dataset, mo
   out, vocab, _, _ = small_dataset
   monkeypatch.setattr(jax, "process_count", lambda: 8)
   monkeypatch.setattr(jax, "process_index", lambda: 7)
-  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.asarray([1, 0]))
+  # Another process needs one batch and holds one whole batch: (needed, -whole) = (1, -1).
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([x, [1, -1]]))
   cfg = _pipe(out, vocab, batch_size=16)  # two rows per process
   assert pipeline.count_local_pairs(cfg) == 0
   batches = list(pipeline.as_numpy(pipeline.eval_dataset(cfg)))

@@ -64,10 +64,10 @@ def test_demo_writes_metrics_checkpoints_and_events(smoke_run):
 
 def test_rerun_resumes_from_latest_checkpoint(smoke_run):
   config, workdir, _ = smoke_run
-  # A finished stage is not run again.
+  # A finished stage is not run again: it adds no rows.
+  rows_before = len(metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl")))
   again = train.train_and_evaluate(config, workdir)
   assert again["pretrain"]["final_step"] == 12
-  rows_before = len(metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl")))
   assert rows_before == len(metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl")))
   # Interrupted after the step-6 checkpoint: the rerun continues from step 6.
   shutil.rmtree(os.path.join(workdir, "pretrain", "checkpoints", "12"))
@@ -85,6 +85,10 @@ def test_unknown_stage_and_kind_are_refused(tmp_path):
   config.unlock()
   config.run = "pretrain,nosuchstage"
   with pytest.raises(ValueError, match="nosuchstage"):
+    train.train_and_evaluate(config, str(tmp_path))
+  config.run = "pretrain"
+  config.stages.pretrain.kind = "pretrian"
+  with pytest.raises(ValueError, match=r"config.stages.pretrain.kind='pretrian'"):
     train.train_and_evaluate(config, str(tmp_path))
 
 

@@ -275,60 +275,57 @@ class TrainIterator:
 
 def count_local_pairs(cfg: PipelineConfig) -> int:
   """Caption pairs in this process's share of the split (reads only the caption lengths)."""
+  return sum(_count_local_pairs(d, cfg.split) for d in data_dirs(cfg.data_dir)
+             if local_records(d, cfg.split))
+
+
+def _count_local_pairs(data_dir: str, split: str) -> int:
   import tensorflow as tf
   import tensorflow_datasets as tfds
-  total = 0
-  for data_dir in data_dirs(cfg.data_dir):
-    if not local_records(data_dir, cfg.split):
-      continue
-    builder, _ = open_dataset(data_dir)
-    decoders = {k: tfds.decode.SkipDecoding() for k in builder.info.features
-                if k not in ("caption_lengths",)}
-    ds = builder.as_dataset(split=tfds.split_for_jax_process(cfg.split), shuffle_files=False,
-                            decoders=decoders)
-    ds = ds.map(lambda ex: tf.size(ex["caption_lengths"], out_type=tf.int64))
-    total += int(sum(tfds.as_numpy(ds)))
-  return total
+  builder, _ = open_dataset(data_dir)
+  decoders = {k: tfds.decode.SkipDecoding() for k in builder.info.features
+              if k not in ("caption_lengths",)}
+  ds = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False,
+                          decoders=decoders)
+  ds = ds.map(lambda ex: tf.size(ex["caption_lengths"], out_type=tf.int64))
+  return int(sum(tfds.as_numpy(ds)))
 
 
-def eval_dataset(cfg: PipelineConfig, *, max_batches: int | None = None):
+def eval_dataset(cfg: PipelineConfig, *, max_batches: int | None = None,
+                 whole_only: bool = False):
   """This process's pairs once, in order, in full batches padded with mask=False rows.
 
   Every process yields the same number of batches (the most any process needs), so sharded
-  evaluation never waits on a host that ran out.
+  evaluation never waits on a host that ran out. With `whole_only`, only the leading batches
+  that hold no padding on any process (for means over batches, which padding would bias).
   """
-  import jax
-  dirs = [d for d in data_dirs(cfg.data_dir) if has_split(open_dataset(d)[1], cfg.split)]
+  from imagebert_jax import parallel
+  dirs = [d for d in data_dirs(cfg.data_dir) if has_split(records.read_info(d), cfg.split)]
   if not dirs:
     raise ValueError(f"{cfg.data_dir}: no dataset there has the split {cfg.split!r}")
-  parts = [_read_one(d, cfg, shuffle_files=False) for d in dirs if local_records(d, cfg.split)]
-  if parts:
-    ds, _, stored_probs = parts[0]
-    for more, _, _ in parts[1:]:
-      ds = ds.concatenate(more)
-  else:
-    ds, _, stored_probs = _read_one(dirs[0], cfg, shuffle_files=False, whole_split=True)
-    ds = ds.take(0)
+  mine = [d for d in dirs if local_records(d, cfg.split)]
+  local_pairs = sum(_count_local_pairs(d, cfg.split) for d in mine)
+  parts = [_read_one(d, cfg, shuffle_files=False) for d in mine]
+  if not parts:
+    # This process's share is empty (a split with fewer records than processes): it reads the
+    # whole split only for a padding row, so that it still runs every batch the others run.
+    parts = [_read_one(dirs[0], cfg, shuffle_files=False, whole_split=True)]
+  ds, _, stored_probs = parts[0]
+  for more, _, _ in parts[1:]:
+    ds = ds.concatenate(more)
   local = _local_batch(cfg.batch_size)
-  local_pairs = count_local_pairs(cfg)
-  needed = -(-local_pairs // local)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    needed = int(np.max(multihost_utils.process_allgather(np.asarray(needed))))
+  # The most batches any process needs, and the fewest whole ones any process has.
+  needed, fewest_whole = parallel.process_max([-(-local_pairs // local), -(local_pairs // local)])
+  needed, whole = int(needed), -int(fewest_whole)
+  if whole_only:
+    needed = whole
   num_batches = needed if max_batches is None else min(needed, max_batches)
   real = min(local_pairs, num_batches * local)
   ds = _pairs(ds, cfg, stored_probs).map(lambda image, caption: {**image, **caption,
                                                                   "mask": True})
-  filler = ds
-  if real == 0:
-    # This process's share is empty (a split with fewer records than processes): its padding rows
-    # copy the split's first pair so that it still runs every batch the others run.
-    whole, _, _ = _read_one(dirs[0], cfg, shuffle_files=False, whole_split=True)
-    filler = _pairs(whole, cfg, stored_probs).map(lambda image, caption: {**image, **caption,
-                                                                          "mask": True})
-  padding = filler.take(1).map(lambda x: {**x, "mask": False}).repeat(num_batches * local - real)
-  ds = ds.take(real).concatenate(padding)
-  return ds.batch(local, drop_remainder=True).prefetch(cfg.prefetch)
+  padding = ds.take(1).map(lambda x: {**x, "mask": False}).repeat(num_batches * local - real)
+  return ds.take(real).concatenate(padding).batch(local, drop_remainder=True).prefetch(
+      cfg.prefetch)
 
 
 def as_numpy(ds) -> Iterator[dict[str, np.ndarray]]:
