@@ -16,7 +16,6 @@ With m = 4d this is the count used for the PyTorch reference points (12 x (24 L 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from typing import Any
@@ -27,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagebert_jax import optim, parallel
+from imagebert_jax import config_defaults, optim, parallel, train
 from imagebert_jax import state as state_lib
 from imagebert_jax.model import ModelConfig
 from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss
@@ -94,13 +93,19 @@ def synthetic_batch(key: jax.Array, cfg: ModelConfig, batch: int, obj: PretrainO
 
 
 def _objective(config, model_cfg: ModelConfig, stage: str) -> PretrainObjective:
-  if model_cfg.vocab_size >= 30522:  # BERT uncased layout
-    ids = dict(pad_id=0, cls_id=101, sep_id=102, mask_id=103,
-               random_token_range=(999, model_cfg.vocab_size))
+  """The stage's pretraining objective (the defaults for a stage of another kind), with the
+  special ids of a BERT-uncased vocabulary, or of the demo's, by the model's vocabulary size."""
+  from imagebert_jax.data.tokenizer import SpecialIds
+  v = model_cfg.vocab_size
+  if v >= 30522:  # BERT uncased layout
+    ids = SpecialIds(pad_id=0, unk_id=100, cls_id=101, sep_id=102, mask_id=103, vocab_size=v,
+                     random_token_range=(999, v))
   else:
-    ids = dict(pad_id=0, cls_id=2, sep_id=3, mask_id=4, random_token_range=(5, model_cfg.vocab_size))
-  values = config.stages[stage].objective.to_dict() if stage in config.stages else {}
-  return PretrainObjective(**ids, **values)
+    ids = SpecialIds(pad_id=0, unk_id=1, cls_id=2, sep_id=3, mask_id=4, vocab_size=v,
+                     random_token_range=(5, v))
+  pretraining = stage in config.stages and config.stages[stage].kind == "pretrain"
+  obj_cfg = config.stages[stage].objective if pretraining else config_defaults.objective_default()
+  return train.pretrain_objective(obj_cfg, ids)
 
 
 def _memory(device, compiled) -> tuple[float | None, str]:
@@ -117,11 +122,10 @@ def _memory(device, compiled) -> tuple[float | None, str]:
 
 def bench_train(config, batch_size: int, steps: int, warmup: int, stage: str,
                 data_dir: str = "") -> dict[str, Any]:
-  model_cfg = _model_config(config)
+  model_cfg = train.model_config(config, _VOCAB.value)
   obj = _objective(config, model_cfg, stage)
   text_words = model_cfg.max_text_len - 2
-  mesh = parallel.make_mesh(tuple(config.mesh.shape))
-  rules = parallel.rules_from_config(config.mesh.rules)
+  mesh, rules = train.make_mesh(config)
   optim_cfg = config.stages[stage].optim if stage in config.stages else None
   tx, schedule = optim.make_optimizer(optim_cfg, 10_000)
   spec = state_lib.state_spec(model_cfg, tx, mesh, rules, seed=0)
@@ -163,7 +167,7 @@ def bench_train(config, batch_size: int, steps: int, warmup: int, stage: str,
     state, metrics = step(state, next_batch(i))
   jax.block_until_ready((state, metrics))
   seconds = time.perf_counter() - start
-  compiled = step.jitted.lower(state, batches[0]).compile() if hasattr(step, "jitted") else None
+  compiled = step.jitted.lower(state, batches[0]).compile()
   device = jax.devices()[0]
   mem, mem_kind = _memory(device, compiled)
   flops = flops_per_sample(model_cfg, text_words, obj.mlm_rate)
@@ -185,9 +189,8 @@ def bench_score(config, tile: tuple[int, int], steps: int, warmup: int) -> dict[
   """Cross-encoder scoring throughput, the way evaluation runs: a split on the devices, tiles of
   images x captions formed by indexing there."""
   from imagebert_jax import evaluate
-  model_cfg = _model_config(config)
-  mesh = parallel.make_mesh(tuple(config.mesh.shape))
-  rules = parallel.rules_from_config(config.mesh.rules)
+  model_cfg = train.model_config(config, _VOCAB.value)
+  mesh, rules = train.make_mesh(config)
   graphdef, params = state_lib.create_params(model_cfg, mesh, rules, seed=0)
   ti, tc = tile
   n_img, n_cap = 4 * ti, 4 * tc
@@ -223,16 +226,6 @@ def bench_score(config, tile: tuple[int, int], steps: int, warmup: int) -> dict[
           "achieved_tflops": achieved, "mfu": achieved / peak if peak else None,
           "peak_mem_gib": mem, "mem_kind": mem_kind, "params": parallel.tree_size(params),
           "flickr30k_1k_minutes": 5_000_000 / pairs_per_s / 60}
-
-
-def _model_config(config) -> ModelConfig:
-  model_cfg = ModelConfig.from_config(config.model)
-  if model_cfg.vocab_size == 0:
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=_VOCAB.value)
-  if jax.default_backend() == "cpu" and model_cfg.dtype != "float32":
-    model_cfg = dataclasses.replace(model_cfg, dtype="float32")
-  model_cfg.validate()
-  return model_cfg
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -71,6 +71,7 @@ class Checkpointer:
     to `../damaged_checkpoints/` with a warning and the one before it is tried; with several
     processes they take that decision together.
     """
+    wanted = _shapes(_as_dict(abstract))
     for step in sorted(self.all_steps(), reverse=True):
       folder = os.path.join(self.directory, str(step), "state")
       try:
@@ -78,7 +79,7 @@ class Checkpointer:
       except Exception:  # noqa: BLE001 - unreadable metadata: a damaged checkpoint
         saved = None
       if saved is not None:
-        difference = _first_difference(_shapes(saved), _shapes(_as_dict(abstract)))
+        difference = _first_difference(_shapes(saved), wanted)
         if difference:
           raise CheckpointMismatch(
               f"{self.directory}/{step}: the checkpoint holds a different train state than this "
@@ -258,10 +259,13 @@ class DataState:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # whole or not at all
 
+  def has(self, step: int) -> bool:
+    return os.path.isdir(self._dir(step))
+
   def restore(self, step: int, iterator: Any) -> list[dict] | None:
     """Restores the iterator; returns the pending metrics, or None when nothing was saved."""
     folder = self._dir(step)
-    if not os.path.isdir(folder):
+    if not self.has(step):
       return None
     iterator.restore(os.path.join(folder, "iterator"))
     with open(os.path.join(folder, "pending_metrics.json")) as f:

@@ -121,3 +121,30 @@ def evaluate_stage(data: ConfigDict, *, from_stage: str = "", checkpoint: str = 
       eval=ConfigDict(dict(protocol=protocol, tile_images=8, tile_captions=128,
                            chunk_images=64, max_images=0, progress=True)),
       init=ConfigDict(dict(from_stage=from_stage, checkpoint=checkpoint, bert=""))))
+
+
+def retrieval_run(data_dir: str, *, train_split: str, num_steps: int, eval_every: int,
+                  evaluations: dict[str, tuple[str, str]], run: str) -> ConfigDict:
+  """A retrieval run: fine-tuning from `config.pretrained` on `config.data_dir` (validated on
+  'val') and evaluations on 'test', each {stage name: (its weights: 'pretrained' or 'finetune',
+  protocol)}. Both folders are config fields that every stage refers to."""
+  c = run_config()
+  c.data_dir = data_dir      # the built dataset, used by every stage
+  c.pretrained = ""          # the pretraining checkpoints folder the fine-tuning starts from
+  data = data_default(directory=c.get_ref("data_dir"), train_split=train_split,
+                      eval_split="val")
+  c.stages.finetune = finetune_stage(data, checkpoint=c.get_ref("pretrained"), batch_size=24,
+                                     num_steps=num_steps, learning_rate=5e-5)
+  c.stages.finetune.train.update(dict(eval_every=eval_every, checkpoint_every=2000))
+  for name, (weights, protocol) in evaluations.items():
+    stage = evaluate_stage(data_default(directory=c.get_ref("data_dir"), eval_split="test"),
+                           protocol=protocol)
+    if weights == "pretrained":
+      stage.init.checkpoint = c.get_ref("pretrained")
+    else:
+      stage.init.from_stage = weights
+    stage.eval.chunk_images = 40
+    c.stages[name] = stage
+  c.run = run
+  return c
+

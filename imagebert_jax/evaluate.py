@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
 from imagebert_jax import parallel
 
@@ -50,10 +51,10 @@ def ranks(scores: np.ndarray, caption_image: np.ndarray) -> tuple[np.ndarray, np
   """
   n_img, n_cap = scores.shape
   own = caption_image[None, :] == np.arange(n_img)[:, None]
+  wrong = ~own
   best = np.max(np.where(own, scores, -np.inf), axis=1)
-  i2t = np.sum((scores >= best[:, None]) & ~own, axis=1)
+  i2t = np.sum((scores >= best[:, None]) & wrong, axis=1)
   right = scores[caption_image, np.arange(n_cap)]
-  wrong = np.arange(n_img)[:, None] != caption_image[None, :]
   t2i = np.sum((scores >= right[None, :]) & wrong, axis=0)
   return i2t, t2i
 
@@ -183,7 +184,6 @@ def make_scorer(graphdef: Any, mesh, rules, *, tile_images: int, tile_captions: 
     with jax.set_mesh(mesh), parallel.logical_rules(rules):
       return jitted(params, arrays, jnp.int32(i0), jnp.int32(j0))
 
-  run.jitted = jitted
   return run
 
 
@@ -208,7 +208,9 @@ def score_all(params: Any, split: Split, graphdef: Any, mesh, rules, out_dir: st
     logging.info("Resuming evaluation: %d of %d chunks already scored", len(done), len(starts))
   total_pairs = n_img * n_cap
   pairs_left = sum(min(chunk_images, n_img - s) for s in starts if s not in done) * n_cap
-  bar = _progress(total_pairs, total_pairs - pairs_left, enabled=progress)
+  bar = tqdm(total=total_pairs, initial=total_pairs - pairs_left, unit="pairs", unit_scale=True,
+             desc="scoring", mininterval=2.0, smoothing=0.1,
+             disable=not progress or jax.process_index() != 0)
   t0 = time.time()
   for s in starts:
     if s in done:
@@ -271,25 +273,6 @@ def _finished_chunks(chunks_dir: str, starts: list[int], manifest: dict) -> set[
 
 def _chunk_path(chunks_dir: str, start: int) -> str:
   return os.path.join(chunks_dir, f"rows-{start:07d}.npy")
-
-
-class _progress:
-  """A tqdm bar showing pairs/s and the time left (process 0 only), or nothing."""
-
-  def __init__(self, total: int, initial: int, enabled: bool):
-    self.bar = None
-    if enabled and jax.process_index() == 0:
-      from tqdm import tqdm
-      self.bar = tqdm(total=total, initial=initial, unit="pairs", unit_scale=True,
-                      desc="scoring", mininterval=2.0, smoothing=0.1)
-
-  def update(self, n: int) -> None:
-    if self.bar is not None:
-      self.bar.update(n)
-
-  def close(self) -> None:
-    if self.bar is not None:
-      self.bar.close()
 
 
 def write_results(out_dir: str, scores: np.ndarray, split: Split, metrics: dict,

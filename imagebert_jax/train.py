@@ -258,11 +258,12 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
   state, latest = checkpointer.restore_latest(spec.abstract)
   if state is not None:
     logging.info("[%s] resuming from step %d", name, latest)
+  elif init_source(stage, workdir) or stage.init.bert:
+    _, fresh = state_lib.create_params(model_cfg, mesh, rules, seed=config.seed)
+    params = starting_params(name, stage, workdir, model_cfg, spec.abstract.params, fresh)
+    state = state_lib.state_with_params(spec, tx, params)
   else:
     state = state_lib.create_state(spec, model_cfg, tx, seed=config.seed)
-    params = starting_params(name, stage, workdir, model_cfg, spec.abstract.params, state.params)
-    if params is not None:
-      state = state_lib.state_with_params(spec, tx, params)
   state_lib.log_param_count(state.params)
   start_step = int(jax.device_get(state.step))
 
@@ -293,18 +294,17 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
   # ---- Loop -----------------------------------------------------------------------------------
   writer = metrics_lib.Writer(stage_dir, os.path.join(workdir, "metrics.jsonl"), name)
   progress = metrics_lib.Progress(tcfg.num_steps, start_step, tcfg.batch_size, f"[{name}] ")
-  batches = pipeline.TrainIterator(pipeline.train_dataset(pipe))
   history: list[dict] = []  # this log interval's per-step metrics (host values)
-  if start_step:
-    pending = data_state.restore(start_step, batches)
-    if pending is None:
-      logging.warning("[%s] no input-pipeline state saved for step %d: the data order restarts "
-                      "(seeded by the step), so this run will not repeat an uninterrupted one "
-                      "exactly", name, start_step)
-      batches = pipeline.TrainIterator(pipeline.train_dataset(dataclasses.replace(
-          pipe, seed=config.seed + start_step)))
-    else:
-      history = pending
+  data_saved = bool(start_step) and data_state.has(start_step)
+  train_pipe = pipe
+  if start_step and not data_saved:
+    logging.warning("[%s] no input-pipeline state saved for step %d: the data order restarts "
+                    "(seeded by the step), so this run will not repeat an uninterrupted one "
+                    "exactly", name, start_step)
+    train_pipe = dataclasses.replace(pipe, seed=config.seed + start_step)
+  batches = pipeline.TrainIterator(pipeline.train_dataset(train_pipe))
+  if data_saved:
+    history = data_state.restore(start_step, batches)
 
   def save(step: int, state) -> None:
     if not bool(jax.device_get(state_lib.all_finite(state.params))):
@@ -408,7 +408,7 @@ def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -
     logging.warning("[%s] no init.from_stage, init.checkpoint or init.bert: scoring with random "
                     "weights", name)
   else:
-    params = jax.tree.map(lambda x, like: jax.device_put(x, like.sharding), start, params)
+    params = start  # already placed with the fresh parameters' shardings
   ecfg = stage.eval
   split = eval_lib.load_split(data_dir, stage.data.eval_split, max_text_len=model_cfg.max_text_len,
                               max_regions=model_cfg.max_regions, pad_id=ids.pad_id,

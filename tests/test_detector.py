@@ -16,6 +16,7 @@ from imagebert_jax.detector import (DetectorConfig, WeightsError, compiled_detec
                                     trunk_feature_size)
 from imagebert_jax.detector import boxes as box_ops
 from imagebert_jax.detector import model as model_lib
+from imagebert_jax.detector.preprocess import PreparedImage, to_original
 from imagebert_jax.detector.roi_pool import roi_pool
 
 # ------------------------------------------------------------------------------------------------
@@ -130,6 +131,14 @@ def test_resized_size_hand_worked():
   assert resized_size(1000, 500, 600, 1000) == (1000, 500)  # 1200 x 600 is capped at 1000
   assert resized_size(300, 2000, 600, 1000) == (150, 1000)
   assert resized_size(333, 500, 600, 1000) == (600, 901)  # 900.9 rounds half up
+
+
+def test_boxes_back_to_original_pixels_hand_worked():
+  # A 200 (h) x 300 (w) image resized to 128 x 192: x scales by 300/192, y by 200/128.
+  prep = PreparedImage(canvas=np.zeros((128, 192, 3), np.float32), resized_hw=(128, 192),
+                       original_hw=(200, 300))
+  got = to_original(np.array([[0, 0, 96, 64], [64, 32, 250, 140]], np.float32), prep)
+  np.testing.assert_allclose(got, [[0, 0, 150, 100], [100, 50, 300, 200]], rtol=1e-6)
 
 
 def test_trunk_feature_size():

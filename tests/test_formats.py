@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from imagebert_jax.data import build as build_lib
-from imagebert_jax.data import pipeline
 from imagebert_jax.data.regionfile import RegionFileWriter, RegionRecord
-from imagebert_jax.data.tokenizer import special_ids, write_vocab
+from imagebert_jax.data.tokenizer import write_vocab
 
 D = 8  # feature dimension of these small files
 
@@ -61,13 +60,10 @@ def jsonl(path, rows):
       f.write(json.dumps(r) + "\n")
 
 
-def read_all(out_dir, vocab, split="train"):
-  ids = special_ids(vocab)
-  cfg = pipeline.PipelineConfig(data_dir=out_dir, split=split, batch_size=1, max_text_len=8,
-                                max_regions=12, pad_id=ids.pad_id, sep_id=ids.sep_id)
+def read_all(out_dir, split="train"):
   import tensorflow_datasets as tfds
   b = tfds.builder_from_directory(out_dir)
-  return list(tfds.as_numpy(b.as_dataset(split=split))), cfg
+  return list(tfds.as_numpy(b.as_dataset(split=split)))
 
 
 def test_bua_tsv_with_every_kind_of_bad_input(tmp_path, vocab, caplog):
@@ -110,7 +106,7 @@ def test_bua_tsv_with_every_kind_of_bad_input(tmp_path, vocab, caplog):
                  "feats.tsv line 9 (image 107): 15 boxes",
                  "caps.jsonl line 6", "images 999"):
     assert needle in text, needle
-  examples, _ = read_all(str(tmp_path / "out"), vocab)
+  examples = read_all(str(tmp_path / "out"))
   by_id = {e["image_id"].decode(): e for e in examples}
   assert set(by_id) == {"100", "101", "107"}
   np.testing.assert_array_equal(by_id["100"]["features"], good_feats.astype(np.float16))
@@ -128,7 +124,7 @@ def test_detectron2_tsv_keeps_labels_and_attributes(tmp_path, vocab):
   info = build_lib.build_dataset(spec(tmp_path, vocab, [str(path)], [str(caps)],
                                       conf_threshold=0.5))
   assert info["options"]["has_object_labels"] is True
-  (ex,), _ = read_all(str(tmp_path / "out"), vocab)
+  (ex,) = read_all(str(tmp_path / "out"))
   # Confidences 0.9 .. 0.3 in 6 steps: 0.9, 0.78, 0.66, 0.54 pass 0.5; best first.
   np.testing.assert_allclose(ex["object_conf"], [0.9, 0.78, 0.66, 0.54], rtol=1e-5)
   np.testing.assert_array_equal(ex["object_id"], [0, 1, 2, 3])
@@ -160,7 +156,7 @@ def test_uniter_npz_with_karpathy_captions(tmp_path, vocab):
   assert info["splits"]["restval"] == {"records": 1, "pairs": 1}
   assert info["splits"]["train"] == {"records": 0, "pairs": 0}
   assert info["skipped"] == {"unreadable_file": 1, "captions_without_image": 1}
-  (ex,), _ = read_all(str(tmp_path / "out"), vocab, "test")
+  (ex,) = read_all(str(tmp_path / "out"), "test")
   z = np.load(npz_dir / "coco_val2014_000000000009.npz")
   order = np.argsort(-z["conf"], kind="stable")
   np.testing.assert_array_equal(ex["object_id"], z["soft_labels"][order, 1:].argmax(1))
@@ -215,5 +211,5 @@ def test_sharded_build_equals_one_shard_and_is_deterministic(tmp_path, vocab):
                                shard_index=0, num_shards=2))
   info = build_lib.finalize_dataset(spec(tmp_path, vocab, [], [], out_dir=sharded, num_shards=2))
   assert info["splits"]["train"] == one["splits"]["train"] == {"records": 20, "pairs": 20}
-  examples, _ = read_all(sharded, vocab)
+  examples = read_all(sharded)
   assert sorted(e["image_id"].decode() for e in examples) == sorted(str(i) for i in range(20))

@@ -1,5 +1,7 @@
 """Each pretraining loss against a NumPy computation on a hand-sized example."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,7 +130,7 @@ def test_kl_variant_needs_and_uses_class_distributions():
 
 def test_padded_vocabulary_rows_are_never_predicted():
   """A model vocabulary padded past the tokenizer's: those rows cannot win, whatever their bias."""
-  cfg = TINY.__class__(**{**TINY.__dict__, "vocab_size": 64})  # the tokenizer has 60
+  cfg = dataclasses.replace(TINY, vocab_size=64)  # the tokenizer has 60
   model = ImageBert(cfg, rngs=nnx.Rngs(0))
   batch = {k: jnp.asarray(v) for k, v in random_batch(np.random.default_rng(5), 4).items()}
   obj = _objective(itm_neg_prob=0.0, vocab_size=60)

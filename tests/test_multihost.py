@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+from helpers import TINY
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 
 
@@ -65,7 +67,5 @@ def test_checkpoints_restore_across_topologies(trained, tmp_path):
   for r in run(2, str(tmp_path / "b"), "restore:" + os.path.join(one, "ckpt")):
     assert r["step"] == 3
     np.testing.assert_allclose(r["params_checksum"], single["params_checksum"], rtol=1e-12)
-    assert r["shard_shape"] == [TINY_HIDDEN // 2, TINY_MLP]  # fsdp 2 halves the embed axis
+    assert r["shard_shape"] == [TINY.hidden_size // 2, TINY.mlp_dim]  # fsdp 2 halves embed
 
-
-TINY_HIDDEN, TINY_MLP = 32, 64

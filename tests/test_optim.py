@@ -1,5 +1,6 @@
 """The optimizer: schedule, weight-decay mask, clipping."""
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -34,7 +35,7 @@ def test_no_weight_decay_on_biases_and_layer_norm():
   # With zero gradients only decayed parameters move (lr at step 1 of warmup = 1e-4).
   tx, _ = optim.make_optimizer(_cfg(), total_steps=100)
   state = tx.init(params)
-  zero = jax_zeros(params)
+  zero = jax.tree.map(jnp.zeros_like, params)
   _, state = tx.update(zero, state, params)
   updates, _ = tx.update(zero, state, params)
   np.testing.assert_allclose(updates["dense"]["kernel"], -1e-4 * 0.1, rtol=1e-5)
@@ -58,8 +59,3 @@ def test_gradients_clipped_to_global_norm():
     m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.999**t)
     want = -float(sched(t - 1)) * m_hat / (np.sqrt(v_hat) + 1e-6)
     np.testing.assert_allclose(updates["w"], want, rtol=1e-4)
-
-
-def jax_zeros(tree):
-  import jax
-  return jax.tree.map(jnp.zeros_like, tree)

@@ -4,6 +4,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -77,17 +78,20 @@ def test_shard_shapes_follow_the_rules():
   assert len(layer["mlp_in"]["kernel"].sharding.device_set) == 8
 
 
+def _itm_logits(model, batch):
+  """The matching logits of a batch: a key-free model output for hand-made losses."""
+  region_mask = jnp.arange(CFG.max_regions)[None] < batch["num_regions"][:, None]
+  text_h, _ = model.encode(batch["text_ids"], batch["text_ids"] != PAD, batch["region_feat"],
+                           batch["region_loc"], region_mask)
+  return model.itm_logit(text_h)
+
+
 def test_gradient_accumulation_matches_full_batch_update():
   """With a key-free loss, accumulating 4 micro-batches gives the full-batch update."""
-  from flax import nnx  # noqa: F401
 
   def loss(model, batch, key):
     del key
-    import jax.numpy as jnp
-    region_mask = jnp.arange(CFG.max_regions)[None] < batch["num_regions"][:, None]
-    text_h, _ = model.encode(batch["text_ids"], batch["text_ids"] != PAD, batch["region_feat"],
-                             batch["region_loc"], region_mask)
-    out = jnp.mean(jnp.square(model.itm_logit(text_h) - 1.0))
+    out = jnp.mean(jnp.square(_itm_logits(model, batch) - 1.0))
     return out, {"loss": out}
 
   cfg = dataclasses.replace(CFG, dropout_rate=0.0, attention_dropout_rate=0.0)
@@ -140,14 +144,10 @@ def test_sharded_gradients_equal_one_device_gradients():
 
 def test_skipped_update_leaves_state_and_learning_rate_behind():
   """A non-finite step changes nothing; the next logged rate is the one AdamW's count gives."""
-  import jax.numpy as jnp
 
   def loss(model, batch, key):
     del key
-    region_mask = jnp.arange(CFG.max_regions)[None] < batch["num_regions"][:, None]
-    text_h, _ = model.encode(batch["text_ids"], batch["text_ids"] != PAD, batch["region_feat"],
-                             batch["region_loc"], region_mask)
-    out = jnp.mean(jnp.square(model.itm_logit(text_h))) * batch["scale"][0]
+    out = jnp.mean(jnp.square(_itm_logits(model, batch))) * batch["scale"][0]
     return out, {"loss": out}
 
   cfg = dataclasses.replace(CFG, dropout_rate=0.0, attention_dropout_rate=0.0)

@@ -172,6 +172,13 @@ def _tiny_pretrain(num_steps, **train_kw):
   return config
 
 
+def _assert_checkpoints_finite(workdir):
+  """Every checkpoint written holds finite parameters."""
+  for path in glob.glob(str(workdir / "pretrain" / "checkpoints" / "*" / "state")):
+    params = ocp.PyTreeCheckpointer().restore(path)["params"]
+    assert all(np.isfinite(x).all() for x in jax_leaves(params))
+
+
 def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path):
   config = _tiny_pretrain(40, max_nonfinite_in_a_row=3)
   config.stages.pretrain.optim.update(dict(learning_rate=1e30, warmup_steps=0))
@@ -179,10 +186,7 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
   rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
   assert rows and rows[-1]["skipped_updates"] > 0  # a mean over the log interval
-  # Every checkpoint written holds finite parameters.
-  for path in glob.glob(str(tmp_path / "pretrain" / "checkpoints" / "*" / "state")):
-    params = ocp.PyTreeCheckpointer().restore(path)["params"]
-    assert all(np.isfinite(x).all() for x in jax_leaves(params))
+  _assert_checkpoints_finite(tmp_path)
 
 
 def test_nonfinite_stops_at_once_without_skipping(tmp_path):
@@ -190,9 +194,7 @@ def test_nonfinite_stops_at_once_without_skipping(tmp_path):
   config.stages.pretrain.optim.update(dict(learning_rate=1e30, warmup_steps=0))
   with pytest.raises(FloatingPointError, match="skip_nonfinite=False"):
     train.train_and_evaluate(config, str(tmp_path))
-  for path in glob.glob(str(tmp_path / "pretrain" / "checkpoints" / "*" / "state")):
-    params = ocp.PyTreeCheckpointer().restore(path)["params"]
-    assert all(np.isfinite(x).all() for x in jax_leaves(params))
+  _assert_checkpoints_finite(tmp_path)
 
 
 # ---- Stages ------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -199,15 +200,20 @@ def run(argv: list[str] | None = None) -> dict:
   buckets: dict[tuple[int, int], list] = collections.defaultdict(list)
   inflight: collections.deque = collections.deque()
 
+  # Only the outputs a record keeps come back from the device.
+  box_key = "boxes" if args.boxes == "proposals" else "regressed_boxes"
+  wanted = ["num_boxes", box_key, "features", "object_id", "object_conf"]
+  wanted += ["attr_id", "attr_conf"] if cfg.num_attributes else []
+  wanted += ["class_probs"] if args.class_probs else []
+
   def finish(batch, out) -> None:
     nonlocal written, since_flush
-    out = {k: np.asarray(v) for k, v in out.items()}
+    out = jax.device_get({k: out[k] for k in wanted})
     for b, (path, key, prep) in enumerate(batch):
       n = int(out["num_boxes"][b])
       if n == 0:  # e.g. a sliver a few pixels high: no valid proposal at all
         skipped.append({"path": path, "id": key, "error": "no regions found (image too small?)"})
         continue
-      box_key = "boxes" if args.boxes == "proposals" else "regressed_boxes"
       record = RegionRecord(
           image_id=key, image_w=int(prep.original_hw[1]), image_h=int(prep.original_hw[0]),
           boxes=to_original(out[box_key][b, :n], prep),

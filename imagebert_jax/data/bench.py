@@ -79,8 +79,7 @@ def main(argv):
   del argv
   data_dir = _DATA.value or make_dataset(os.path.join(_WORK.value, "data"), _IMAGES.value)
   info = records.read_info(data_dir)
-  vocab = info["vocab_file"]
-  vocab = vocab if os.path.isabs(vocab) else os.path.join(data_dir, vocab)
+  vocab = os.path.join(data_dir, info["vocab_file"])  # an absolute path stays as it is
   ids = special_ids(vocab)
   cfg = pipeline.PipelineConfig(
       data_dir=data_dir, split=_SPLIT.value, batch_size=_BATCH.value,

@@ -44,6 +44,7 @@ class BuildSpec:
   shard_index: int = 0
   num_shards: int = 1
   log_every: int = 10_000
+  extra_info: dict = dataclasses.field(default_factory=dict)  # more fields for the summary file
 
 
 def shard_of(image_id: str, num_shards: int) -> int:
@@ -78,10 +79,7 @@ def build_dataset(spec: BuildSpec, *, finalize: bool | None = None) -> dict:
     logging.warning("%s: the region features carry no object class labels (bottom-up-attention "
                     "TSV): masked object classification will be turned off for this dataset",
                     spec.name)
-  opts = records.RecordOptions(
-      feature_dim=spec.feature_dim, min_boxes=spec.min_boxes, max_boxes=spec.max_boxes,
-      conf_threshold=spec.conf_threshold, has_object_labels=has_labels,
-      has_attributes=False, class_probs_dim=spec.class_probs_dim)
+  opts = _record_options(spec, has_labels)
   tokenizer = Tokenizer(spec.vocab_file, max_len=spec.max_text_len)
   report = builder.BuildReport()
   os.makedirs(spec.out_dir, exist_ok=True)
@@ -147,8 +145,7 @@ def build_dataset(spec: BuildSpec, *, finalize: bool | None = None) -> dict:
     if caps:
       report.skip("captions_without_image",
                   f"{caps} captions of {images} images have no region features "
-                  f"(e.g. images {', '.join(ids[:5])})")
-      report.skipped["captions_without_image"] += caps - 1  # count every caption
+                  f"(e.g. images {', '.join(ids[:5])})", count=caps)
   finally:
     index.close()
   for writer in writers.values():
@@ -177,14 +174,18 @@ def _write(record: RegionRecord, image_id: str, found, opts, tokenizer, writers)
     writers[split].write(example)
 
 
+def _record_options(spec: BuildSpec, has_object_labels: bool) -> records.RecordOptions:
+  return records.RecordOptions(
+      feature_dim=spec.feature_dim, min_boxes=spec.min_boxes, max_boxes=spec.max_boxes,
+      conf_threshold=spec.conf_threshold, has_object_labels=has_object_labels,
+      class_probs_dim=spec.class_probs_dim)
+
+
 def finalize_dataset(spec: BuildSpec) -> dict:
   """Checks all shards are there; writes TFDS metadata and the summary; prints the report."""
   shard_reports = builder.read_shard_reports(spec.out_dir, spec.name)
   labels = all(r.get("has_object_labels", True) for r in shard_reports)
-  opts = records.RecordOptions(
-      feature_dim=spec.feature_dim, min_boxes=spec.min_boxes, max_boxes=spec.max_boxes,
-      conf_threshold=spec.conf_threshold, has_object_labels=labels,
-      class_probs_dim=spec.class_probs_dim)
+  opts = _record_options(spec, labels)
   skipped = collections.Counter()
   for r in shard_reports:
     skipped.update(r["skipped"])
@@ -192,7 +193,7 @@ def finalize_dataset(spec: BuildSpec) -> dict:
       "vocab_file": os.path.abspath(spec.vocab_file), "max_text_len": spec.max_text_len,
       "skipped": dict(skipped), "image_id_mode": spec.image_id_mode,
       "sources": {"regions": spec.regions, "captions": spec.captions,
-                  "caption_source": spec.caption_source}})
+                  "caption_source": spec.caption_source}, **spec.extra_info})
   kept = {s: (v["records"], v["pairs"]) for s, v in info["splits"].items()}
   print(f"{spec.name}: kept " + ", ".join(f"{s}: {r} images / {p} pairs"
                                           for s, (r, p) in sorted(kept.items())))

@@ -46,19 +46,17 @@ class BuildReport:
   messages: list = dataclasses.field(default_factory=list)
   seconds: float = 0.0
 
-  def skip(self, reason: str, message: str) -> None:
-    """Counts one skipped item under `reason` and logs `message` (one line, names the source)."""
-    self.skipped[reason] += 1
-    logging.warning("skipped: %s", message)
+  def skip(self, reason: str, message: str, count: int = 1, *, what: str = "skipped") -> None:
+    """Counts `count` skipped items under `reason` and logs `message` (one line, names the
+    source)."""
+    self.skipped[reason] += count
+    logging.warning("%s: %s", what, message)
     if len(self.messages) < MAX_MESSAGES:
       self.messages.append(message)
 
   def note(self, reason: str, message: str) -> None:
     """Counts a problem that was repaired, not skipped (boxes beyond the maximum cut off)."""
-    self.skipped[reason] += 1
-    logging.warning("repaired: %s", message)
-    if len(self.messages) < MAX_MESSAGES:
-      self.messages.append(message)
+    self.skip(reason, message, what="repaired")
 
   @property
   def total_skipped(self) -> int:

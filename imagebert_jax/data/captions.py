@@ -138,7 +138,7 @@ def read_captions(source: str, paths: list[str], split: str = "train") -> Iterat
 
 
 class CaptionIndex:
-  """Captions on disk (SQLite), looked up by image id, each lookup marking the image as used.
+  """Captions on disk (SQLite), looked up by image id; the images whose regions came by are noted.
 
   Only captions whose image belongs to this shard (`keep(image_id)`) are stored.
   """
@@ -151,25 +151,19 @@ class CaptionIndex:
     self.db.execute("PRAGMA journal_mode=OFF")
     self.db.execute("PRAGMA synchronous=OFF")
     self.db.execute("CREATE TABLE captions (image_id TEXT, split TEXT, seq INTEGER, text TEXT)")
-    self.db.execute("CREATE TABLE used (image_id TEXT PRIMARY KEY)")
     self.db.execute("CREATE TABLE seen (image_id TEXT PRIMARY KEY)")
 
   def add_all(self, items, keep, id_mode: str, on_problem) -> int:
-    n, batch = 0, []
-    for seq, item in enumerate(items):
-      if isinstance(item, Problem):
-        on_problem(item)
-        continue
-      image_id = canonical_id(item.image_id, id_mode)
-      if not keep(image_id):
-        continue
-      batch.append((image_id, item.split, seq, item.text))
-      if len(batch) >= 10_000:
-        self.db.executemany("INSERT INTO captions VALUES (?, ?, ?, ?)", batch)
-        n += len(batch)
-        batch = []
-    self.db.executemany("INSERT INTO captions VALUES (?, ?, ?, ?)", batch)
-    n += len(batch)
+    def rows():
+      for seq, item in enumerate(items):
+        if isinstance(item, Problem):
+          on_problem(item)
+          continue
+        image_id = canonical_id(item.image_id, id_mode)
+        if keep(image_id):
+          yield image_id, item.split, seq, item.text
+
+    n = self.db.executemany("INSERT INTO captions VALUES (?, ?, ?, ?)", rows()).rowcount
     self.db.execute("CREATE INDEX by_image ON captions (image_id)")
     self.db.commit()
     return n
@@ -179,16 +173,13 @@ class CaptionIndex:
     return self.db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (image_id,)).rowcount == 1
 
   def lookup(self, image_id: str) -> list[tuple[str, str, int]]:
-    """[(split, caption, position in the source)] in source order; marks the image as used."""
-    rows = self.db.execute("SELECT split, text, seq FROM captions WHERE image_id = ? ORDER BY seq",
+    """[(split, caption, position in the source)] in source order."""
+    return self.db.execute("SELECT split, text, seq FROM captions WHERE image_id = ? ORDER BY seq",
                            (image_id,)).fetchall()
-    if rows:
-      self.db.execute("INSERT OR IGNORE INTO used VALUES (?)", (image_id,))
-    return rows
 
   def unused(self, limit: int = 20) -> tuple[int, int, list[str]]:
-    """(images, captions) never looked up, and some of their ids."""
-    q = "FROM captions WHERE image_id NOT IN (SELECT image_id FROM used)"
+    """(images, captions) whose image's regions never came by, and some of their ids."""
+    q = "FROM captions WHERE image_id NOT IN (SELECT image_id FROM seen)"
     images, captions = self.db.execute(f"SELECT COUNT(DISTINCT image_id), COUNT(*) {q}").fetchone()
     ids = [r[0] for r in self.db.execute(f"SELECT DISTINCT image_id {q} LIMIT ?", (limit,))]
     return images, captions, ids

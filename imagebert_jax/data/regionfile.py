@@ -108,7 +108,7 @@ class RegionRecord:
         self.class_probs.ndim != 2 or self.class_probs.shape[0] != n):
       raise ValueError(
           f"image {self.image_id}: class_probs have shape {self.class_probs.shape}, want [{n}, C]")
-    if not np.all(np.isfinite(self.features.astype(np.float32))):
+    if not np.all(np.isfinite(self.features)):
       raise ValueError(f"image {self.image_id}: features contain NaN or infinity")
 
 

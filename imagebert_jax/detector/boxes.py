@@ -78,16 +78,6 @@ def box_area(boxes: jax.Array) -> jax.Array:
   return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
-def pairwise_iou(a: jax.Array, b: jax.Array) -> jax.Array:
-  """IoU [N, M] of boxes a [N, 4] and b [M, 4]; 0 where the union is empty."""
-  lt = jnp.maximum(a[:, None, :2], b[None, :, :2])
-  rb = jnp.minimum(a[:, None, 2:], b[None, :, 2:])
-  wh = jnp.clip(rb - lt, 0)
-  inter = wh[..., 0] * wh[..., 1]
-  union = box_area(a)[:, None] + box_area(b)[None, :] - inter
-  return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
-
-
 def _overlap_exceeds(a: jax.Array, b: jax.Array, iou_threshold: float) -> jax.Array:
   """IoU(a_i, b_j) > iou_threshold as [N, M], tested as inter > t * union (no division, so the
   decision is the same on every backend)."""

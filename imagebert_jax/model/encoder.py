@@ -105,16 +105,15 @@ class Encoder(nnx.Module):
     return x
 
 
-def resolve_attention_impl(cfg: ModelConfig) -> str:
-  """'cudnn' on GPU in half precision when asked for or left to 'auto'; 'xla' otherwise."""
+def resolve_attention_impl(cfg: ModelConfig, *, attention_dropout: bool = False) -> str:
+  """'cudnn' on GPU in half precision when asked for or left to 'auto'; 'xla' otherwise, and
+  whenever attention dropout acts (it needs the explicit path, which takes any mask)."""
   if cfg.attention_impl == "xla":
     return "xla"
   on_gpu = jax.default_backend() == "gpu"
   half = cfg.dtype in ("bfloat16", "float16")
-  if cfg.attention_impl == "cudnn":
-    if not (on_gpu and half):
-      raise ValueError("config.model.attention_impl='cudnn' needs a GPU and "
-                       "config.model.dtype bfloat16 or float16")
-    return "cudnn"
-  return "cudnn" if (on_gpu and half) else "xla"
+  if cfg.attention_impl == "cudnn" and not (on_gpu and half):
+    raise ValueError("config.model.attention_impl='cudnn' needs a GPU and "
+                     "config.model.dtype bfloat16 or float16")
+  return "cudnn" if (on_gpu and half and not attention_dropout) else "xla"
 

@@ -81,10 +81,12 @@ class ImageBert(nnx.Module):
     self.region_norm = LayerNorm(h, eps=cfg.layer_norm_eps, dtype=dt, param_dtype=pdt)
     # Encoder and pooler.
     self.encoder = Encoder(cfg, rngs=rngs)
-    self.pooler = Dense(h, h, axes=("embed", None), rngs=rngs, dtype=dt, param_dtype=pdt,
-                        stddev=std)
+    # The pooler and the matching head compute in float32: retrieval ranks by this score, and
+    # ties from a bfloat16 score would be common among thousands of candidates.
+    self.pooler = Dense(h, h, axes=("embed", None), rngs=rngs, dtype=jnp.float32,
+                        param_dtype=pdt, stddev=std)
     # Heads.
-    self.itm = Dense(h, 1, axes=("embed", None), rngs=rngs, dtype=dt, param_dtype=pdt,
+    self.itm = Dense(h, 1, axes=("embed", None), rngs=rngs, dtype=jnp.float32, param_dtype=pdt,
                      stddev=std)
     self.mlm_transform = Transform(cfg, rngs=rngs)
     self.mlm_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), pdt), logical_axes=("vocab",))
@@ -124,9 +126,8 @@ class ImageBert(nnx.Module):
     encoder and back after it; the result is the same function.
     """
     cfg = self.cfg
-    impl = resolve_attention_impl(cfg)
-    if dropout_key is not None and cfg.attention_dropout_rate > 0:
-      impl = "xla"  # attention dropout needs the explicit path, which takes any mask
+    impl = resolve_attention_impl(
+        cfg, attention_dropout=dropout_key is not None and cfg.attention_dropout_rate > 0)
     pack = impl == "cudnn" if pack is None else (pack or impl == "cudnn")
     keys = KeySplitter(dropout_key)
     t = self.embed_text(text_ids, keys())
@@ -150,16 +151,12 @@ class ImageBert(nnx.Module):
     return text_h, region_h
 
   def pooled(self, text_h: jax.Array) -> jax.Array:
-    """tanh(Dense([CLS])), computed in float32: retrieval ranks by this, and ties from a bfloat16
-    score would be common among thousands of candidates."""
-    cls = text_h[:, 0].astype(jnp.float32)
-    kernel = self.pooler.kernel[...].astype(jnp.float32)
-    return jnp.tanh(cls @ kernel + self.pooler.bias[...].astype(jnp.float32))
+    """tanh(Dense([CLS])), float32."""
+    return jnp.tanh(self.pooler(text_h[:, 0]))
 
   def itm_logit(self, text_h: jax.Array) -> jax.Array:
     """The image-text matching score (a logit) from [CLS]: [B], float32."""
-    kernel = self.itm.kernel[...].astype(jnp.float32)
-    return (self.pooled(text_h) @ kernel)[..., 0] + self.itm.bias[...].astype(jnp.float32)[0]
+    return self.itm(self.pooled(text_h))[..., 0]
 
   def mlm_logits(self, h: jax.Array) -> jax.Array:
     logits = self.word.attend(self.mlm_transform(h))

@@ -109,9 +109,6 @@ def retrieval_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
     cap_valid = jnp.take_along_axis(cap_valid, pick_c, 1)
     img_cand = jnp.take_along_axis(img_cand, pick_i, 1)
     img_valid = jnp.take_along_axis(img_valid, pick_i, 1)
-  else:
-    cap_cand, cap_valid = cap_cand[:, :k], cap_valid[:, :k]
-    img_cand, img_valid = img_cand[:, :k], img_valid[:, :k]
 
   # One forward over positives, caption negatives and image negatives.
   rows = jnp.repeat(jnp.arange(b), k)
