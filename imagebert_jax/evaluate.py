@@ -70,13 +70,23 @@ def recall(scores: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
   return out
 
 
+PROTOCOLS = ("full", "coco1k", "first1k")
+PROTOCOL_IMAGES = {"coco1k": 5000, "first1k": 1000}  # images a protocol needs
+
+
+def protocol_names(spec: str) -> list[str]:
+  """The protocols of `eval.protocol`: one name, or several separated by commas (one scoring
+  pass serves them all, e.g. 'full,coco1k' for COCO 5K and COCO 1K)."""
+  return [p.strip() for p in str(spec).split(",") if p.strip()]
+
+
 def protocol_metrics(scores: np.ndarray, caption_image: np.ndarray, order: np.ndarray,
                      protocol: str) -> dict[str, float]:
   """Metrics by protocol; `order` sorts the images as the caption source lists them."""
   if protocol == "full":
     return recall(scores, caption_image)
   if protocol in ("coco1k", "first1k"):
-    folds = 5 if protocol == "coco1k" else 1
+    folds = PROTOCOL_IMAGES[protocol] // 1000
     if len(order) < 1000 * folds:
       raise ValueError(f"protocol {protocol} needs {1000 * folds} images, the split has "
                        f"{len(order)}")
@@ -273,6 +283,18 @@ def _finished_chunks(chunks_dir: str, starts: list[int], manifest: dict) -> set[
 
 def _chunk_path(chunks_dir: str, start: int) -> str:
   return os.path.join(chunks_dir, f"rows-{start:07d}.npy")
+
+
+def all_protocol_metrics(scores: np.ndarray, caption_image: np.ndarray, order: np.ndarray,
+                         spec: str) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+  """(metrics, {protocol: its metrics}) for every protocol of `spec`, from one score matrix:
+  the first protocol's metrics under their plain names, the others' prefixed `<protocol>/`."""
+  names = protocol_names(spec)
+  by_protocol = {p: protocol_metrics(scores, caption_image, order, p) for p in names}
+  metrics = dict(by_protocol[names[0]])
+  for p in names[1:]:
+    metrics.update({f"{p}/{k}": v for k, v in by_protocol[p].items()})
+  return metrics, by_protocol
 
 
 def write_results(out_dir: str, scores: np.ndarray, split: Split, metrics: dict,

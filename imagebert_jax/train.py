@@ -419,8 +419,8 @@ def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -
   scores = eval_lib.score_all(params, split, graphdef, mesh, rules, out_dir, pad_id=ids.pad_id,
                               tile_images=ecfg.tile_images, tile_captions=ecfg.tile_captions,
                               chunk_images=ecfg.chunk_images, progress=ecfg.progress)
-  metrics = eval_lib.protocol_metrics(scores, split.caption_image, split.source_order,
-                                      ecfg.protocol)
+  metrics, by_protocol = eval_lib.all_protocol_metrics(scores, split.caption_image,
+                                                       split.source_order, ecfg.protocol)
   seconds = time.time() - started
   extra = {"protocol": ecfg.protocol, "split": stage.data.eval_split,
            "images": split.num_images, "captions": split.num_captions,
@@ -432,10 +432,17 @@ def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -
   if jax.process_index() == 0:
     print(f"[{name}] {ecfg.protocol} retrieval on {stage.data.eval_split} "
           f"({split.num_images} images, {split.num_captions} captions, {seconds:.1f}s)\n"
-          + eval_lib.format_metrics({name: metrics}), flush=True)
-  summary = {"kind": "evaluate", "metrics": metrics, **extra}
+          + eval_lib.format_metrics(_table_rows(name, by_protocol)), flush=True)
+  summary = {"kind": "evaluate", "metrics": metrics, "by_protocol": by_protocol, **extra}
   mark_done(workdir, name, summary)
   return summary
+
+
+def _table_rows(name: str, by_protocol: dict[str, dict]) -> dict[str, dict]:
+  """Rows of the retrieval table: the stage's name, with the protocol when it has several."""
+  if len(by_protocol) == 1:
+    return {name: next(iter(by_protocol.values()))}
+  return {f"{name} {p}": m for p, m in by_protocol.items()}
 
 
 def print_pretrain_summary(name: str, s: dict) -> None:
@@ -477,7 +484,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       results[name] = done
       continue
     results[name] = STAGE_KINDS[kind](config, name, workdir)
-  evaluations = {n: r["metrics"] for n, r in results.items() if r.get("kind") == "evaluate"}
+  evaluations = {}
+  for n, r in results.items():
+    if r.get("kind") == "evaluate":
+      evaluations.update(_table_rows(n, r.get("by_protocol") or {"": r["metrics"]}))
   if evaluations and jax.process_index() == 0:
     from imagebert_jax.evaluate import format_metrics
     print("Retrieval (Recall@K in %, RSUM):\n" + format_metrics(evaluations), flush=True)

@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from imagebert_jax import config_defaults
+from imagebert_jax.evaluate import PROTOCOL_IMAGES, PROTOCOLS, protocol_names
 from imagebert_jax.model.config import ModelConfig
 
 TOP_LEVEL = {"seed", "model", "text", "mesh", "stages", "run"}
@@ -131,7 +132,8 @@ def _validate_data(config, stage, where: str, kind: str, model: ModelConfig) -> 
     images = sum(info["splits"][n]["records"] for n in pipeline._split_names(split))
     if stage.eval.max_images:
       images = min(images, stage.eval.max_images)
-    need = {"coco1k": 5000, "first1k": 1000}.get(stage.eval.protocol, 0)
+    need = max((PROTOCOL_IMAGES.get(p, 0) for p in protocol_names(stage.eval.protocol)),
+               default=0)
     if images < need:
       raise ConfigError(f"{where}.eval.protocol={stage.eval.protocol!r} needs {need} images; "
                         f"{split!r} of {dirs[0]} gives {images}")
@@ -180,9 +182,10 @@ def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: 
   _unknown(stage.init, reference.init, f"{where}.init")
   if kind == "evaluate":
     _unknown(stage.eval, reference.eval, f"{where}.eval")
-    if stage.eval.protocol not in ("full", "coco1k", "first1k"):
+    names = protocol_names(stage.eval.protocol)
+    if not names or any(p not in PROTOCOLS for p in names):
       raise ConfigError(f"{where}.eval.protocol={stage.eval.protocol!r}: want full, coco1k or "
-                        "first1k")
+                        "first1k, or several of them separated by commas")
     for key in ("tile_images", "tile_captions", "chunk_images"):
       if stage.eval[key] < 1:
         raise ConfigError(f"{where}.eval.{key}={stage.eval[key]}: want a positive number")

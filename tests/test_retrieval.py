@@ -71,6 +71,14 @@ def test_coco1k_is_the_mean_of_five_folds_in_source_order():
     assert got[k] == pytest.approx(np.mean([f[k] for f in folds]))
   with pytest.raises(ValueError, match="needs 5000 images"):
     evaluate.protocol_metrics(s[:100], owner[:200] % 100, order[:100], "coco1k")
+  # COCO 5K and COCO 1K from the same scores: 5K under the plain names, 1K prefixed.
+  both, by_protocol = evaluate.all_protocol_metrics(s, owner, order, "full, coco1k")
+  assert list(by_protocol) == ["full", "coco1k"]
+  whole = evaluate.recall(s, owner)
+  for k in whole:
+    assert both[k] == whole[k]
+    assert both[f"coco1k/{k}"] == pytest.approx(np.mean([f[k] for f in folds]))
+  assert both["coco1k/i2t_R@1"] > both["i2t_R@1"]  # 1K among fewer candidates: easier
 
 
 # ---- Fine-tuning losses ----------------------------------------------------------------------

@@ -245,6 +245,9 @@ def _errors():
   cases.append((c, r"config.stages.zero_shot.init.from_stage='later': that stage neither runs"))
   c = base(); c.stages.zero_shot.eval.protocol = "coco2k"  # noqa: E702
   cases.append((c, r"config.stages.zero_shot.eval.protocol='coco2k'"))
+  c = base(); c.stages.zero_shot.eval.protocol = "full,coco2k"  # noqa: E702
+  cases.append((c, r"config.stages.zero_shot.eval.protocol='full,coco2k': want full, coco1k or "
+                   r"first1k, or several of them separated by commas"))
   return cases
 
 
