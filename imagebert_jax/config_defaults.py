@@ -50,7 +50,8 @@ def model_base() -> ConfigDict:
       max_text_len=44, max_regions=100, region_feature_dim=2048, num_object_classes=1600,
       max_position_embeddings=512, type_vocab_size=2, dropout_rate=0.1,
       attention_dropout_rate=0.1, layer_norm_eps=1e-12, initializer_range=0.02,
-      dtype="bfloat16", param_dtype="float32", attention_impl="auto", remat="none"))
+      dtype="bfloat16", param_dtype="float32", attention_impl="auto", remat="none",
+      region_input_norm=False, region_part_norms=False, itc_dim=256))
 
 
 def mesh_default() -> ConfigDict:
@@ -62,7 +63,7 @@ def objective_default() -> ConfigDict:
   return ConfigDict(dict(
       mlm_rate=0.15, mlm_mask_prob=0.8, mlm_random_prob=0.1, region_rate=0.15,
       region_zero_prob=0.9, itm_neg_prob=0.5, moc_loss="ce", mlm_weight=1.0, moc_weight=1.0,
-      mrfr_weight=1.0, itm_weight=1.0))
+      mrfr_weight=1.0, itm_weight=1.0, itc_weight=0.0))
 
 
 def optim_default(learning_rate: float = 1e-4) -> ConfigDict:
@@ -98,7 +99,7 @@ def pretrain_stage(data: ConfigDict, *, batch_size: int, num_steps: int,
 def retrieval_objective_default() -> ConfigDict:
   """The paper's three fine-tuning losses, combined, with online hard negatives."""
   return ConfigDict(dict(bce_weight=1.0, softmax_weight=1.0, triplet_weight=1.0, margin=0.2,
-                         num_candidates=16, num_hard=3))
+                         num_candidates=16, num_hard=3, itc_weight=0.0))
 
 
 def finetune_stage(data: ConfigDict, *, from_stage: str = "", checkpoint: str = "",

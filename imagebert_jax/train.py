@@ -109,7 +109,7 @@ def objective_for(kind: str, obj_cfg: ml_collections.ConfigDict, ids):
   if kind == "pretrain":
     return pretrain_objective(obj_cfg, ids)
   values = obj_cfg.to_dict()  # keys were checked by validate()
-  obj = RetrievalObjective(pad_id=ids.pad_id, **values)
+  obj = RetrievalObjective(pad_id=ids.pad_id, cls_id=ids.cls_id, sep_id=ids.sep_id, **values)
   obj.validate()
   return obj
 

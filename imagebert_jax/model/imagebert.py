@@ -12,6 +12,8 @@ projection).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -72,10 +74,18 @@ class ImageBert(nnx.Module):
     self.segment = Embed(cfg.type_vocab_size, h, axes=(None, "embed"), rngs=rngs, dtype=dt,
                          param_dtype=pdt, stddev=std)
     self.text_norm = LayerNorm(h, eps=cfg.layer_norm_eps, dtype=dt, param_dtype=pdt)
+    self.region_input_norm = LayerNorm(
+        cfg.region_feature_dim, eps=1e-6, dtype=dt, param_dtype=pdt,
+        axis_name="feature") if cfg.region_input_norm else None
     self.region_feature = Dense(cfg.region_feature_dim, h, axes=("feature", "embed"), rngs=rngs,
                                 dtype=dt, param_dtype=pdt, stddev=std)
     self.region_location = Dense(5, h, axes=(None, "embed"), rngs=rngs, dtype=dt,
                                  param_dtype=pdt, stddev=std)
+    if cfg.region_part_norms:
+      self.region_feature_norm = LayerNorm(h, eps=cfg.layer_norm_eps, dtype=dt, param_dtype=pdt)
+      self.region_location_norm = LayerNorm(h, eps=cfg.layer_norm_eps, dtype=dt, param_dtype=pdt)
+    else:
+      self.region_feature_norm = self.region_location_norm = None
     self.region_position = nnx.Param(
         jax.random.normal(rngs.params(), (h,), pdt) * std, logical_axes=("embed",))
     self.region_norm = LayerNorm(h, eps=cfg.layer_norm_eps, dtype=dt, param_dtype=pdt)
@@ -88,6 +98,12 @@ class ImageBert(nnx.Module):
     # Heads.
     self.itm = Dense(h, 1, axes=("embed", None), rngs=rngs, dtype=jnp.float32, param_dtype=pdt,
                      stddev=std)
+    # Contrastive head: one projection per modality and a learned logit scale (CLIP's 1/0.07).
+    self.itc_text = Dense(h, cfg.itc_dim, axes=("embed", None), rngs=rngs, dtype=jnp.float32,
+                          param_dtype=pdt, stddev=std)
+    self.itc_image = Dense(h, cfg.itc_dim, axes=("embed", None), rngs=rngs, dtype=jnp.float32,
+                           param_dtype=pdt, stddev=std)
+    self.itc_log_scale = nnx.Param(jnp.full((), math.log(1 / 0.07), pdt), logical_axes=())
     self.mlm_transform = Transform(cfg, rngs=rngs)
     self.mlm_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), pdt), logical_axes=("vocab",))
     self.moc_transform = Transform(cfg, rngs=rngs)
@@ -108,8 +124,12 @@ class ImageBert(nnx.Module):
   def embed_regions(self, region_feat: jax.Array, region_loc: jax.Array,
                     dropout_key: jax.Array | None) -> jax.Array:
     cfg = self.cfg
-    x = (self.region_feature(region_feat) + self.region_location(region_loc)
-         + self.segment(jnp.asarray(REGION_SEGMENT))[None, None]
+    if self.region_input_norm is not None:
+      region_feat = self.region_input_norm(region_feat)
+    feat, loc = self.region_feature(region_feat), self.region_location(region_loc)
+    if self.region_feature_norm is not None:
+      feat, loc = self.region_feature_norm(feat), self.region_location_norm(loc)
+    x = (feat + loc + self.segment(jnp.asarray(REGION_SEGMENT))[None, None]
          + self.region_position[...].astype(cfg.compute_dtype)[None, None])
     return dropout(self.region_norm(x), cfg.dropout_rate, dropout_key)
 
@@ -158,6 +178,30 @@ class ImageBert(nnx.Module):
     """The image-text matching score (a logit) from [CLS]: [B], float32."""
     return self.itm(self.pooled(text_h))[..., 0]
 
+  # Contrastive (single-modality) embeddings ----------------------------------------------------
+  def text_embedding(self, text_ids: jax.Array, text_mask: jax.Array, *,
+                     dropout_key: jax.Array | None = None) -> jax.Array:
+    """The encoder over the text alone; [CLS] projected and L2-normalised: [B, itc_dim], f32."""
+    b = text_ids.shape[0]
+    no_regions = jnp.zeros((b, 0, self.cfg.region_feature_dim), self.cfg.compute_dtype)
+    text_h, _ = self.encode(text_ids, text_mask, no_regions, jnp.zeros((b, 0, 5), jnp.float32),
+                            jnp.zeros((b, 0), bool), dropout_key=dropout_key)
+    return _normalise(self.itc_text(text_h[:, 0]))
+
+  def image_embedding(self, region_feat: jax.Array, region_loc: jax.Array,
+                      region_mask: jax.Array, cls_sep: tuple[int, int], *,
+                      dropout_key: jax.Array | None = None) -> jax.Array:
+    """The encoder over `[CLS] [SEP]` and the regions; [CLS] projected and L2-normalised."""
+    b = region_feat.shape[0]
+    text_ids = jnp.broadcast_to(jnp.asarray(cls_sep, jnp.int32), (b, 2))
+    text_h, _ = self.encode(text_ids, jnp.ones((b, 2), bool), region_feat, region_loc,
+                            region_mask, dropout_key=dropout_key)
+    return _normalise(self.itc_image(text_h[:, 0]))
+
+  def itc_scale(self) -> jax.Array:
+    """The contrastive logit scale, at most 100 (as CLIP clamps it)."""
+    return jnp.exp(jnp.minimum(self.itc_log_scale[...].astype(jnp.float32), math.log(100.0)))
+
   def mlm_logits(self, h: jax.Array) -> jax.Array:
     logits = self.word.attend(self.mlm_transform(h))
     return logits.astype(jnp.float32) + self.mlm_bias[...].astype(jnp.float32)
@@ -174,3 +218,8 @@ class ImageBert(nnx.Module):
     text_h, _ = self.encode(text_ids, text_mask, region_feat, region_loc, region_mask,
                             dropout_key=dropout_key)
     return self.itm_logit(text_h)
+
+
+def _normalise(x: jax.Array) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))

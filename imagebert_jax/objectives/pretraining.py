@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from imagebert_jax.objectives import masking
+from imagebert_jax.objectives import contrastive, masking
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,7 @@ class PretrainObjective:
   moc_weight: float = 1.0
   mrfr_weight: float = 1.0
   itm_weight: float = 1.0
+  itc_weight: float = 0.0  # the contrastive loss on the unmasked matched pairs (0: off)
 
   def validate(self) -> None:
     if self.moc_loss not in ("ce", "kl"):
@@ -166,4 +167,10 @@ def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
       "itm_loss": l_itm, "mlm_accuracy": a_mlm, "moc_accuracy": a_moc, "itm_accuracy": a_itm,
       "itm_positive_share": jnp.mean(swap.labels),
   }
+  if obj.itc_weight:
+    l_itc, itc_metrics = contrastive.batch_itc(
+        model, batch, pad_id=obj.pad_id, cls_sep=(obj.cls_id, obj.sep_id),
+        dropout_key=jax.random.fold_in(dropout_key, 1) if train else None)
+    total = total + obj.itc_weight * l_itc
+    metrics.update(itc_metrics, loss=total)
   return total, metrics

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from imagebert_jax.objectives import contrastive
+
 
 @dataclasses.dataclass(frozen=True)
 class RetrievalObjective:
@@ -31,6 +33,9 @@ class RetrievalObjective:
   margin: float = 0.2
   num_candidates: int = 16   # M: candidates scored per pair and direction
   num_hard: int = 3          # K: negatives trained on per pair and direction (P = K + 1)
+  itc_weight: float = 0.0    # the contrastive loss on the batch's pairs (0: off)
+  cls_id: int = 101
+  sep_id: int = 102
 
   def validate(self) -> None:
     if not 1 <= self.num_hard <= self.num_candidates:
@@ -128,4 +133,10 @@ def retrieval_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
              "i2t_batch_accuracy": by_caption["rank1_accuracy"],
              "t2i_batch_accuracy": by_image["rank1_accuracy"],
              "positive_score": jnp.mean(pos)}
+  if obj.itc_weight:
+    l_itc, itc_metrics = contrastive.batch_itc(
+        model, batch, pad_id=obj.pad_id, cls_sep=(obj.cls_id, obj.sep_id),
+        dropout_key=jax.random.fold_in(dropout_key, 1) if train else None)
+    total = total + obj.itc_weight * l_itc
+    metrics.update(itc_metrics, loss=total)
   return total, metrics
