@@ -51,7 +51,7 @@ def model_base() -> ConfigDict:
       max_position_embeddings=512, type_vocab_size=2, dropout_rate=0.1,
       attention_dropout_rate=0.1, layer_norm_eps=1e-12, initializer_range=0.02,
       dtype="bfloat16", param_dtype="float32", attention_impl="auto", remat="none",
-      region_input_norm=False, region_part_norms=False, itc_dim=256))
+      region_input_norm="none", region_part_norms=False, itc_dim=256))
 
 
 def mesh_default() -> ConfigDict:
@@ -76,7 +76,11 @@ def train_default(batch_size: int = 48, num_steps: int = 1_000_000) -> ConfigDic
   return ConfigDict(dict(
       batch_size=batch_size, num_steps=num_steps, grad_accum_steps=1, log_every=100,
       checkpoint_every=5000, keep_checkpoints=3, eval_every=10_000, eval_batches=50,
-      skip_nonfinite=True, max_nonfinite_in_a_row=20))
+      skip_nonfinite=True, max_nonfinite_in_a_row=20,
+      # Alarms (imagebert_jax/monitor.py): matching scores whose std across a batch stays below
+      # collapse_min_score_std for collapse_patience log intervals; pretraining ITM accuracy
+      # still at chance after itm_chance_steps steps (0: no such alarm).
+      collapse_min_score_std=1e-3, collapse_patience=3, itm_chance_steps=0))
 
 
 def data_default(directory: str = "", train_split: str = "train",
@@ -84,8 +88,11 @@ def data_default(directory: str = "", train_split: str = "train",
   return ConfigDict(dict(
       dir=directory, train_split=train_split, eval_split=eval_split, shuffle_buffer=1000,
       pair_shuffle_buffer=256, threadpool_size=0, ram_budget_gb=0.0, prefetch=2,
-      synthetic=ConfigDict(dict(enabled=False, train_images=0, eval_images=0, feature_dim=0,
-                                min_regions=10, max_regions=16, captions_per_image=5))))
+      # Generated data (train.prepare_data): kind 'scenes' (realistic: splits train, val, test)
+      # or 'toy' (splits train_split and eval_split).
+      synthetic=ConfigDict(dict(enabled=False, kind="toy", train_images=0, val_images=0,
+                                eval_images=0, feature_dim=0, min_regions=10, max_regions=16,
+                                captions_per_image=5))))
 
 
 def pretrain_stage(data: ConfigDict, *, batch_size: int, num_steps: int,
@@ -99,7 +106,8 @@ def pretrain_stage(data: ConfigDict, *, batch_size: int, num_steps: int,
 def retrieval_objective_default() -> ConfigDict:
   """The paper's three fine-tuning losses, combined, with online hard negatives."""
   return ConfigDict(dict(bce_weight=1.0, softmax_weight=1.0, triplet_weight=1.0, margin=0.2,
-                         num_candidates=16, num_hard=3, itc_weight=0.0))
+                         num_candidates=16, num_hard=3, itc_weight=0.0, hard_from_step=0,
+                         mine_with="cross_encoder"))
 
 
 def finetune_stage(data: ConfigDict, *, from_stage: str = "", checkpoint: str = "",

@@ -70,6 +70,18 @@ def recall(scores: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
   return out
 
 
+# A score matrix whose finite values spread less than this is (near-)constant: a collapsed scorer.
+NEAR_CONSTANT_STD = 1e-3
+
+
+def score_spread(scores: np.ndarray) -> dict:
+  """{"score_std": std of the finite scores, "scores_near_constant": whether it is below
+  NEAR_CONSTANT_STD}."""
+  finite = scores[np.isfinite(scores)]
+  std = float(np.std(finite)) if finite.size else 0.0
+  return {"score_std": std, "scores_near_constant": bool(std < NEAR_CONSTANT_STD)}
+
+
 PROTOCOLS = ("full", "coco1k", "first1k")
 PROTOCOL_IMAGES = {"coco1k": 5000, "first1k": 1000}  # images a protocol needs
 

@@ -8,8 +8,10 @@ from typing import Any
 import jax
 import optax
 
-# Parameter names (the last path entry) that are exempt from weight decay.
-NO_DECAY_NAMES = ("bias", "scale", "mlm_bias")
+# Parameter names (the last path entry) that are exempt from weight decay (the region feature
+# statistics are never trained: their gradients are zero, and so must their decay be).
+NO_DECAY_NAMES = ("bias", "scale", "mlm_bias", "region_feature_mean", "region_feature_scale",
+                  "itc_log_scale")
 
 
 def learning_rate_schedule(cfg: Any, total_steps: int) -> optax.Schedule:

@@ -122,7 +122,8 @@ def state_with_params(spec: StateSpec, tx: optax.GradientTransformation, params:
                    donate_argnums=(0,))(params)
 
 
-LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
+# loss_fn(model, batch, key, step=...) -> (loss, scalar metrics); step is None when evaluating.
+LossFn = Callable[..., tuple[jax.Array, dict]]
 
 
 def global_norm(tree: Any) -> jax.Array:
@@ -149,15 +150,15 @@ def make_train_step(spec: StateSpec, loss_fn: LossFn, tx: optax.GradientTransfor
   graphdef = spec.graphdef
   accum = int(grad_accum_steps)
 
-  def loss_on(params, batch, key):
-    return loss_fn(nnx.merge(graphdef, params), batch, key)
+  def loss_on(params, batch, key, step):
+    return loss_fn(nnx.merge(graphdef, params), batch, key, step=step)
 
   grad_fn = jax.value_and_grad(loss_on, has_aux=True)
 
   def step_fn(state: TrainState, batch: Mapping[str, jax.Array]):
     key = jax.random.fold_in(jax.random.key(seed), state.step)
     if accum == 1:
-      (_, metrics), grads = grad_fn(state.params, batch, key)
+      (_, metrics), grads = grad_fn(state.params, batch, key, state.step)
     else:
       def split(x):
         if x.shape[0] % accum:
@@ -169,11 +170,11 @@ def make_train_step(spec: StateSpec, loss_fn: LossFn, tx: optax.GradientTransfor
 
       def body(carry, inp):
         mb, i = inp
-        (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(key, i))
+        (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(key, i), state.step)
         return _tree_add(carry, (g, m)), None
 
       (_, metric_shapes), grad_shapes = jax.eval_shape(
-          grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), key)
+          grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), key, state.step)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shapes, metric_shapes))
       (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
       grads = jax.tree.map(lambda g: g / accum, grads)

@@ -17,10 +17,13 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from imagebert_jax import checkpoint as ckpt_lib
 from imagebert_jax import metrics as metrics_lib
+from imagebert_jax import monitor as monitor_lib
 from imagebert_jax import optim, parallel
 from imagebert_jax import state as state_lib
 from imagebert_jax.model import ModelConfig
@@ -36,18 +39,36 @@ DONE_FILE = "DONE.json"
 # ------------------------------------------------------------------------------------------------
 def prepare_data(config: ml_collections.ConfigDict, data: ml_collections.ConfigDict,
                  workdir: str) -> tuple[str, str]:
-  """(dataset folder, vocabulary file); builds the synthetic dataset first when asked to."""
-  from imagebert_jax.data import records, synthetic
+  """(dataset folder, vocabulary file); generates and builds the synthetic dataset first when
+  asked to: kind 'scenes' (imagebert_jax/data/realistic.py: detector-like features in the public
+  TSV and Karpathy formats, built like downloaded data; splits train, val and test) or 'toy'
+  (imagebert_jax/data/synthetic.py: the small scenes of the tests; splits train_split and
+  eval_split)."""
+  from imagebert_jax.data import records
   data_dir = data.dir
-  if data.synthetic.enabled:
+  syn = data.synthetic
+  if syn.enabled:
     data_dir = data_dir or os.path.join(workdir, "synthetic_data")
-    spec = synthetic.SyntheticSpec(
-        seed=config.seed, feature_dim=data.synthetic.feature_dim or config.model.region_feature_dim,
-        min_regions=data.synthetic.min_regions, max_regions=data.synthetic.max_regions,
-        captions_per_image=data.synthetic.captions_per_image)
-    if jax.process_index() == 0:
-      synthetic.build(data_dir, {data.train_split: data.synthetic.train_images,
-                                 data.eval_split: data.synthetic.eval_images}, spec,
+    feature_dim = syn.feature_dim or config.model.region_feature_dim
+    if jax.process_index() == 0 and syn.kind == "scenes":
+      from imagebert_jax.data import realistic
+      splits = {"train": syn.train_images, "val": syn.val_images, "test": syn.eval_images}
+      realistic.build(data_dir, os.path.join(workdir, "synthetic_source"),
+                      {k: v for k, v in splits.items() if v},
+                      realistic.RealisticSpec(seed=config.seed, feature_dim=feature_dim,
+                                              min_regions=syn.min_regions,
+                                              max_regions=syn.max_regions,
+                                              captions_per_image=syn.captions_per_image),
+                      max_text_len=config.model.max_text_len,
+                      max_boxes=min(syn.max_regions, config.model.max_regions),
+                      vocab_file=config.text.vocab_file)
+    elif jax.process_index() == 0:
+      from imagebert_jax.data import synthetic
+      spec = synthetic.SyntheticSpec(
+          seed=config.seed, feature_dim=feature_dim, min_regions=syn.min_regions,
+          max_regions=syn.max_regions, captions_per_image=syn.captions_per_image)
+      synthetic.build(data_dir, {data.train_split: syn.train_images,
+                                 data.eval_split: syn.eval_images}, spec,
                       max_text_len=config.model.max_text_len)
     parallel.barrier("synthetic_data")
   from imagebert_jax.data import pipeline
@@ -161,6 +182,53 @@ def starting_params(name: str, stage: ml_collections.ConfigDict, workdir: str,
   return ckpt_lib.nest_like(flat, fresh)
 
 
+def region_feature_statistics(data_dir: str, split: str,
+                              max_images: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, 1 / std) per feature dimension over the regions of the first `max_images` images of
+  a split (shared between the datasets of a comma-separated list): the same on every process."""
+  import tensorflow_datasets as tfds
+  from imagebert_jax.data import pipeline
+  dirs = [d for d in pipeline.data_dirs(data_dir)
+          if pipeline.has_split(pipeline.open_dataset(d)[1], split)]
+  total = count = square = None
+  for d in dirs:
+    builder, _ = pipeline.open_dataset(d)
+    decoders = {k: tfds.decode.SkipDecoding() for k in builder.info.features if k != "features"}
+    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+    for ex in tfds.as_numpy(ds.take(max(1, max_images // len(dirs)))):
+      f = np.asarray(ex["features"], np.float64)
+      total = f.sum(0) if total is None else total + f.sum(0)
+      square = (f * f).sum(0) if square is None else square + (f * f).sum(0)
+      count = len(f) if count is None else count + len(f)
+  if not count:
+    raise ValueError(f"{data_dir}: split {split!r} has no region features to standardise with")
+  mean = total / count
+  std = np.sqrt(np.maximum(square / count - mean * mean, 0.0))
+  # Dimensions that hardly vary are not blown up: std is floored at 1% of the mean std.
+  std = np.maximum(std, 0.01 * float(np.mean(std)) + 1e-12)
+  return mean.astype(np.float32), (1.0 / std).astype(np.float32)
+
+
+def with_feature_statistics(name: str, params: Any, model_cfg: ModelConfig, data_dir: str,
+                            split: str) -> Any:
+  """Sets the model's feature statistics from the training data when they are still at their
+  initial values (mean 0, scale 1): a model started from scratch or from BERT. Ones restored
+  from a checkpoint are the statistics of the data that model was trained on, and are kept."""
+  if model_cfg.region_input_norm != "standardise":
+    return params
+  mean, scale = params["region_feature_mean"], params["region_feature_scale"]
+  unset = jax.jit(lambda m, s: jnp.all(m == 0) & jnp.all(s == 1))(mean, scale)
+  if not bool(jax.device_get(unset)):
+    return params
+  m, s = region_feature_statistics(data_dir, split)
+  logging.info("[%s] region features standardised with the statistics of %s %s (mean of the "
+               "means %.3g, of the stds %.3g)", name, data_dir, split, float(np.mean(m)),
+               float(np.mean(1.0 / s)))
+  place = lambda like, v: jax.make_array_from_callback(v.shape, like.sharding,
+                                                       lambda index: v[index])
+  return {**params, "region_feature_mean": place(mean, m), "region_feature_scale": place(scale, s)}
+
+
 class Preempted(Exception):
   """Training stopped cleanly on SIGTERM after checkpointing."""
 
@@ -261,9 +329,12 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
   elif init_source(stage, workdir) or stage.init.bert:
     _, fresh = state_lib.create_params(model_cfg, mesh, rules, seed=config.seed)
     params = starting_params(name, stage, workdir, model_cfg, spec.abstract.params, fresh)
+    params = with_feature_statistics(name, params, model_cfg, data_dir, stage.data.train_split)
     state = state_lib.state_with_params(spec, tx, params)
   else:
     state = state_lib.create_state(spec, model_cfg, tx, seed=config.seed)
+    state = state.replace(params=with_feature_statistics(
+        name, state.params, model_cfg, data_dir, stage.data.train_split))
   state_lib.log_param_count(state.params)
   start_step = int(jax.device_get(state.step))
 
@@ -293,6 +364,7 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
 
   # ---- Loop -----------------------------------------------------------------------------------
   writer = metrics_lib.Writer(stage_dir, os.path.join(workdir, "metrics.jsonl"), name)
+  monitor = monitor_lib.LearningMonitor(name, monitor_lib.MonitorConfig.from_config(tcfg))
   progress = metrics_lib.Progress(tcfg.num_steps, start_step, tcfg.batch_size, f"[{name}] ")
   history: list[dict] = []  # this log interval's per-step metrics (host values)
   data_saved = bool(start_step) and data_state.has(start_step)
@@ -353,6 +425,7 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
         scalars = metrics_lib.mean_metrics(history)
         history = []
         scalars.update(progress.report(step))
+        scalars.update(monitor.check(step, scalars))
         writer.scalars(step, scalars)
         first = first or scalars
         last = scalars
@@ -373,7 +446,7 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
   checkpointer.close()
   writer.close()
   summary = {"kind": kind, "final_step": step, "train_first": first, "train_last": last,
-             "eval": final_eval}
+             "eval": final_eval, "alarms": monitor.alarms}
   if kind == "pretrain":
     summary["chance"] = {
         "mlm_accuracy": 1.0 / (ids.random_token_range[1] - ids.random_token_range[0]),
@@ -422,9 +495,14 @@ def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -
   metrics, by_protocol = eval_lib.all_protocol_metrics(scores, split.caption_image,
                                                        split.source_order, ecfg.protocol)
   seconds = time.time() - started
+  spread = eval_lib.score_spread(scores)
+  if spread["scores_near_constant"]:
+    logging.warning("[%s] the score matrix is (near-)constant: std %.2e over %s pairs. The "
+                    "scorer has collapsed and these recall figures mean nothing", name,
+                    spread["score_std"], f"{scores.size:,}")
   extra = {"protocol": ecfg.protocol, "split": stage.data.eval_split,
            "images": split.num_images, "captions": split.num_captions,
-           "checkpoint": source, "seconds": round(seconds, 2)}
+           "checkpoint": source, "seconds": round(seconds, 2), **spread}
   eval_lib.write_results(out_dir, scores, split, metrics, extra)
   writer = metrics_lib.Writer(out_dir, os.path.join(workdir, "metrics.jsonl"), name)
   writer.scalars(0, {f"retrieval/{k}": v for k, v in metrics.items()})
@@ -458,6 +536,8 @@ def print_pretrain_summary(name: str, s: dict) -> None:
     fmt = lambda v: f"{v:>11.4f}" if isinstance(v, float) else f"{'-':>11}"
     lines.append(f"  {key:<14}{fmt(first.get(key))}{fmt(last.get(key))}"
                  f"{fmt(ev.get('eval/' + key))}{fmt(chance)}")
+  for alarm in s.get("alarms", []):
+    lines.append(f"  alarm at step {alarm['step']}: {alarm['message']}")
   print("\n".join(lines), flush=True)
 
 

@@ -215,7 +215,17 @@ def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: 
       raise ConfigError(f"{where}.optim.learning_rate={stage.optim.learning_rate}: want > 0")
 
   # Data.
-  if not stage.data.synthetic.enabled:
+  syn = stage.data.synthetic
+  if syn.enabled and syn.kind not in ("scenes", "toy"):
+    raise ConfigError(f"{where}.data.synthetic.kind={syn.kind!r}: want 'scenes' or 'toy'")
+  if syn.enabled and syn.kind == "scenes":
+    generated = {"train": syn.train_images, "val": syn.val_images, "test": syn.eval_images}
+    for split in (stage.data.train_split, stage.data.eval_split):
+      if split and not generated.get(split):
+        raise ConfigError(f"{where}.data: the generated scenes have no {split!r} split (they "
+                          "have train, val and test, from synthetic.train_images, val_images "
+                          "and eval_images)")
+  if not syn.enabled:
     _validate_data(config, stage, where, kind, model)
   elif not stage.data.eval_split:
     raise ConfigError(f"{where}.data.eval_split is empty: the synthetic data needs a name for its "

@@ -34,9 +34,18 @@ def np_encode(p, cfg, text_ids, region_feat, region_loc, num_regions):
            + p["segment"]["embedding"][0])
     x_t = np_layer_norm(x_t, p["text_norm"]["scale"], p["text_norm"]["bias"], eps)
     f, c = region_feat[b, :n], region_loc[b, :n]
-    x_r = (f @ p["region_feature"]["kernel"] + p["region_feature"]["bias"]
-           + c @ p["region_location"]["kernel"] + p["region_location"]["bias"]
-           + p["segment"]["embedding"][1] + p["region_position"])
+    if cfg.region_input_norm == "standardise":
+      f = (f - p["region_feature_mean"]) * p["region_feature_scale"]
+    elif cfg.region_input_norm == "layernorm":
+      f = np_layer_norm(f, p["region_input_norm"]["scale"], p["region_input_norm"]["bias"], 1e-6)
+    feat = f @ p["region_feature"]["kernel"] + p["region_feature"]["bias"]
+    loc = c @ p["region_location"]["kernel"] + p["region_location"]["bias"]
+    if cfg.region_part_norms:
+      feat = np_layer_norm(feat, p["region_feature_norm"]["scale"],
+                           p["region_feature_norm"]["bias"], eps)
+      loc = np_layer_norm(loc, p["region_location_norm"]["scale"],
+                          p["region_location_norm"]["bias"], eps)
+    x_r = feat + loc + p["segment"]["embedding"][1] + p["region_position"]
     x_r = np_layer_norm(x_r, p["region_norm"]["scale"], p["region_norm"]["bias"], eps)
     x = np.concatenate([x_t, x_r])
     for layer in p["encoder"]["layers"].values():
@@ -63,14 +72,31 @@ def _params(model):
   return tree
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_encode_matches_numpy_reference(pack):
-  model = ImageBert(TINY, rngs=nnx.Rngs(0))
+def _with_random_statistics(model, rng):
+  """Non-trivial feature statistics and LayerNorm parameters (fresh ones are 0 and 1)."""
+  d = model.cfg.region_feature_dim
+  if model.cfg.region_input_norm == "standardise":
+    model.region_feature_mean[...] = jnp.asarray(rng.normal(size=d), jnp.float32)
+    model.region_feature_scale[...] = jnp.asarray(rng.uniform(0.2, 3.0, size=d), jnp.float32)
+  for norm in (model.region_input_norm, model.region_feature_norm):
+    if norm is not None:
+      norm.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, norm.scale.shape), jnp.float32)
+      norm.bias[...] = jnp.asarray(rng.normal(size=norm.bias.shape) * 0.1, jnp.float32)
+  return model
+
+
+@pytest.mark.parametrize("pack,region_input_norm,part_norms", [
+    (False, "none", False), (True, "none", False), (False, "standardise", True),
+    (True, "layernorm", True), (False, "layernorm", False)])
+def test_encode_matches_numpy_reference(pack, region_input_norm, part_norms):
+  cfg = TINY.__class__(**{**TINY.__dict__, "region_input_norm": region_input_norm,
+                          "region_part_norms": part_norms})
+  model = _with_random_statistics(ImageBert(cfg, rngs=nnx.Rngs(0)), np.random.default_rng(7))
   batch = random_batch(np.random.default_rng(0), 5)
   p = _params(model)
-  want = np_encode(p, TINY, batch["text_ids"], batch["region_feat"].astype(np.float64),
+  want = np_encode(p, cfg, batch["text_ids"], batch["region_feat"].astype(np.float64),
                    batch["region_loc"].astype(np.float64), batch["num_regions"])
-  region_mask = np.arange(TINY.max_regions)[None] < batch["num_regions"][:, None]
+  region_mask = np.arange(cfg.max_regions)[None] < batch["num_regions"][:, None]
   text_h, region_h = model.encode(jnp.asarray(batch["text_ids"]),
                                   jnp.asarray(batch["text_ids"] != PAD),
                                   jnp.asarray(batch["region_feat"]),
@@ -83,6 +109,31 @@ def test_encode_matches_numpy_reference(pack):
   pooled = np.tanh(want[0][0][0] @ p["pooler"]["kernel"] + p["pooler"]["bias"])
   itm = pooled @ p["itm"]["kernel"][:, 0] + p["itm"]["bias"][0]
   np.testing.assert_allclose(np.asarray(model.itm_logit(text_h))[0], itm, atol=1e-5)
+
+
+def test_contrastive_embeddings_match_numpy_reference():
+  """Text alone and [CLS] [SEP] + regions alone through the encoder, [CLS] projected, unit norm."""
+  cfg = TINY.__class__(**{**TINY.__dict__, "region_input_norm": "standardise",
+                          "region_part_norms": True})
+  model = _with_random_statistics(ImageBert(cfg, rngs=nnx.Rngs(3)), np.random.default_rng(1))
+  batch = random_batch(np.random.default_rng(4), 4)
+  p = _params(model)
+  cls, sep = 2, 3
+  no_regions = np.zeros_like(batch["num_regions"])
+  text_ref = np_encode(p, cfg, batch["text_ids"], batch["region_feat"].astype(np.float64),
+                       batch["region_loc"].astype(np.float64), no_regions)
+  only_cls = np.full((4, cfg.max_text_len), PAD, np.int32)
+  only_cls[:, :2] = (cls, sep)
+  image_ref = np_encode(p, cfg, only_cls, batch["region_feat"].astype(np.float64),
+                        batch["region_loc"].astype(np.float64), batch["num_regions"])
+  region_mask = np.arange(cfg.max_regions)[None] < batch["num_regions"][:, None]
+  t = model.text_embedding(jnp.asarray(batch["text_ids"]), jnp.asarray(batch["text_ids"] != PAD))
+  i = model.image_embedding(jnp.asarray(batch["region_feat"]), jnp.asarray(batch["region_loc"]),
+                            jnp.asarray(region_mask), (cls, sep))
+  for b in range(4):
+    for got, ref, head in ((t, text_ref, "itc_text"), (i, image_ref, "itc_image")):
+      v = ref[b][0][0] @ p[head]["kernel"] + p[head]["bias"]
+      np.testing.assert_allclose(np.asarray(got[b]), v / np.linalg.norm(v), atol=2e-5)
 
 
 def test_padding_content_does_not_matter():

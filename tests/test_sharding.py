@@ -89,7 +89,7 @@ def _itm_logits(model, batch):
 def test_gradient_accumulation_matches_full_batch_update():
   """With a key-free loss, accumulating 4 micro-batches gives the full-batch update."""
 
-  def loss(model, batch, key):
+  def loss(model, batch, key, step=None):
     del key
     out = jnp.mean(jnp.square(_itm_logits(model, batch) - 1.0))
     return out, {"loss": out}
@@ -145,7 +145,7 @@ def test_sharded_gradients_equal_one_device_gradients():
 def test_skipped_update_leaves_state_and_learning_rate_behind():
   """A non-finite step changes nothing; the next logged rate is the one AdamW's count gives."""
 
-  def loss(model, batch, key):
+  def loss(model, batch, key, step=None):
     del key
     out = jnp.mean(jnp.square(_itm_logits(model, batch))) * batch["scale"][0]
     return out, {"loss": out}

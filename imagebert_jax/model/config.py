@@ -36,11 +36,13 @@ class ModelConfig:
   # Recompute activations in the backward pass: 'none', 'full' (each layer) or 'dots'
   # (keep matrix-product outputs, recompute the element-wise work).
   remat: str = "none"
-  # Region embedding normalisation (README, "Design notes"): a LayerNorm over the raw feature
-  # dimensions before the projection (detector features are non-negative, heavy-tailed and far
-  # from zero mean), and LayerNorms on the feature and box projections before they are summed
+  # Region embedding normalisation (README, "Design notes"). The raw detector features are
+  # non-negative, heavy-tailed and far from zero mean; before the projection they are
+  # 'standardise'd per dimension with the training data's statistics (kept with the weights,
+  # never trained), or 'layernorm'ed per region, or used as they are ('none'). With
+  # region_part_norms, LayerNorms on the feature and box projections before they are summed
   # (without them the 5-d box is a hundredth of the feature's projection).
-  region_input_norm: bool = False
+  region_input_norm: str = "none"
   region_part_norms: bool = False
   # The image-text contrastive head: [CLS] of the encoder run on one modality, projected to this
   # many dimensions and normalised (two-stage retrieval; an optional training objective).
@@ -94,6 +96,9 @@ class ModelConfig:
     if self.attention_impl not in ("auto", "xla", "cudnn"):
       raise ValueError(f"config.model.attention_impl={self.attention_impl!r}: want auto, xla "
                        "or cudnn")
+    if self.region_input_norm not in ("standardise", "layernorm", "none"):
+      raise ValueError(f"config.model.region_input_norm={self.region_input_norm!r}: want "
+                       "standardise, layernorm or none")
     if self.itc_dim < 1:
       raise ValueError(f"config.model.itc_dim={self.itc_dim}: want a positive size")
     if self.remat not in ("none", "full", "dots"):

@@ -74,9 +74,14 @@ class ImageBert(nnx.Module):
     self.segment = Embed(cfg.type_vocab_size, h, axes=(None, "embed"), rngs=rngs, dtype=dt,
                          param_dtype=pdt, stddev=std)
     self.text_norm = LayerNorm(h, eps=cfg.layer_norm_eps, dtype=dt, param_dtype=pdt)
-    self.region_input_norm = LayerNorm(
-        cfg.region_feature_dim, eps=1e-6, dtype=dt, param_dtype=pdt,
-        axis_name="feature") if cfg.region_input_norm else None
+    d = cfg.region_feature_dim
+    self.region_input_norm = LayerNorm(d, eps=1e-6, dtype=dt, param_dtype=pdt, axis_name="feature") \
+        if cfg.region_input_norm == "layernorm" else None
+    if cfg.region_input_norm == "standardise":
+      # Per-dimension statistics of the training data's features (set when a model starts from
+      # scratch, see `set_feature_statistics`), kept in checkpoints and never trained.
+      self.region_feature_mean = nnx.Param(jnp.zeros((d,), jnp.float32), logical_axes=("feature",))
+      self.region_feature_scale = nnx.Param(jnp.ones((d,), jnp.float32), logical_axes=("feature",))
     self.region_feature = Dense(cfg.region_feature_dim, h, axes=("feature", "embed"), rngs=rngs,
                                 dtype=dt, param_dtype=pdt, stddev=std)
     self.region_location = Dense(5, h, axes=(None, "embed"), rngs=rngs, dtype=dt,
@@ -124,7 +129,11 @@ class ImageBert(nnx.Module):
   def embed_regions(self, region_feat: jax.Array, region_loc: jax.Array,
                     dropout_key: jax.Array | None) -> jax.Array:
     cfg = self.cfg
-    if self.region_input_norm is not None:
+    if cfg.region_input_norm == "standardise":
+      mean = jax.lax.stop_gradient(self.region_feature_mean[...])
+      scale = jax.lax.stop_gradient(self.region_feature_scale[...])
+      region_feat = (region_feat.astype(jnp.float32) - mean) * scale
+    elif self.region_input_norm is not None:
       region_feat = self.region_input_norm(region_feat)
     feat, loc = self.region_feature(region_feat), self.region_location(region_loc)
     if self.region_feature_norm is not None:

@@ -21,6 +21,7 @@ def itc_loss(text_emb: jax.Array, image_emb: jax.Array, image_key: jax.Array,
   b = text_emb.shape[0]
   logits = scale * jnp.einsum("te,ie->ti", text_emb.astype(jnp.float32),
                               image_emb.astype(jnp.float32))
+  spread = jnp.std(logits)
   same = image_key[:, None] == image_key[None, :]
   logits = jnp.where(same & ~jnp.eye(b, dtype=bool), -1e9, logits)
   labels = jnp.arange(b)
@@ -30,7 +31,7 @@ def itc_loss(text_emb: jax.Array, image_emb: jax.Array, image_key: jax.Array,
       "itc_loss": 0.5 * (t2i + i2t),
       "itc_t2i_accuracy": jnp.mean((jnp.argmax(logits, 1) == labels).astype(jnp.float32)),
       "itc_i2t_accuracy": jnp.mean((jnp.argmax(logits, 0) == labels).astype(jnp.float32)),
-      "itc_scale": scale,
+      "itc_scale": scale, "itc_score_std": spread,
   }
   return metrics["itc_loss"], metrics
 

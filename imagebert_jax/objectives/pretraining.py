@@ -114,8 +114,11 @@ def itm_loss(logits: jax.Array, labels: jax.Array):
 
 
 def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
-                  obj: PretrainObjective, *, train: bool = True) -> tuple[jax.Array, dict]:
-  """Total weighted loss and scalar metrics for one batch. `model` is an ImageBert."""
+                  obj: PretrainObjective, *, train: bool = True,
+                  step: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """Total weighted loss and scalar metrics for one batch. `model` is an ImageBert. (`step` is
+  not used: the masks come from `key`.)"""
+  del step
   itm_key, text_key, region_key, dropout_key = jax.random.split(key, 4)
   swap = masking.itm_pairs(itm_key, batch["image_key"], obj.itm_neg_prob)
   text_ids = batch["text_ids"][swap.text_src]
@@ -140,7 +143,8 @@ def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
                                   dropout_key=dropout_key if train else None)
   matched = swap.labels[:, None]
 
-  l_itm, a_itm = itm_loss(model.itm_logit(text_h), swap.labels)
+  itm_logits = model.itm_logit(text_h)
+  l_itm, a_itm = itm_loss(itm_logits, swap.labels)
 
   mlm_logits = model.mlm_logits(gather_rows(text_h, tm.positions))
   if obj.vocab_size and mlm_logits.shape[-1] > obj.vocab_size:
@@ -165,7 +169,7 @@ def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
   metrics = {
       "loss": total, "mlm_loss": l_mlm, "moc_loss": l_moc, "mrfr_loss": l_mrfr,
       "itm_loss": l_itm, "mlm_accuracy": a_mlm, "moc_accuracy": a_moc, "itm_accuracy": a_itm,
-      "itm_positive_share": jnp.mean(swap.labels),
+      "itm_positive_share": jnp.mean(swap.labels), "itm_score_std": jnp.std(itm_logits),
   }
   if obj.itc_weight:
     l_itc, itc_metrics = contrastive.batch_itc(

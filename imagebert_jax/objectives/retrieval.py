@@ -34,6 +34,11 @@ class RetrievalObjective:
   num_candidates: int = 16   # M: candidates scored per pair and direction
   num_hard: int = 3          # K: negatives trained on per pair and direction (P = K + 1)
   itc_weight: float = 0.0    # the contrastive loss on the batch's pairs (0: off)
+  hard_from_step: int = 0    # random negatives (the first K candidates) before this step
+  # How candidates are ranked for mining: 'cross_encoder' (M forward passes per pair and
+  # direction, as the paper) or 'itc' (the contrastive similarities of the batch, computed once
+  # for the whole batch: mining costs nothing more than the contrastive loss).
+  mine_with: str = "cross_encoder"
   cls_id: int = 101
   sep_id: int = 102
 
@@ -41,8 +46,10 @@ class RetrievalObjective:
     if not 1 <= self.num_hard <= self.num_candidates:
       raise ValueError(f"config.objective: want 1 <= num_hard ({self.num_hard}) <= "
                        f"num_candidates ({self.num_candidates})")
-    if min(self.bce_weight, self.softmax_weight, self.triplet_weight) < 0:
+    if min(self.bce_weight, self.softmax_weight, self.triplet_weight, self.itc_weight) < 0:
       raise ValueError("config.objective: loss weights must not be negative")
+    if self.mine_with not in ("cross_encoder", "itc"):
+      raise ValueError(f"config.objective.mine_with={self.mine_with!r}: want cross_encoder or itc")
 
 
 def _score(model, text_ids, feat, loc, num_regions, pad_id, dropout_key):
@@ -91,25 +98,51 @@ def group_losses(pos: jax.Array, neg: jax.Array, valid: jax.Array,
 
 
 def retrieval_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
-                   obj: RetrievalObjective, *, train: bool = True) -> tuple[jax.Array, dict]:
-  """The weighted fine-tuning loss over a batch of matched pairs, and metrics."""
+                   obj: RetrievalObjective, *, train: bool = True,
+                   step: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """The weighted fine-tuning loss over a batch of matched pairs, and metrics.
+
+  Negatives are mined (the K highest-scoring of M candidates) from `obj.hard_from_step` on; before
+  it (and when M == K) they are K random candidates. Without a step (evaluation) they are mined.
+  """
   text, feat = batch["text_ids"], batch["region_feat"]
   loc, nreg, ikey = batch["region_loc"], batch["num_regions"], batch["image_key"]
   b, m, k = text.shape[0], obj.num_candidates, obj.num_hard
   cand_key, cand_key2, dropout_key = jax.random.split(key, 3)
   cap_cand, cap_valid = candidates(cand_key, ikey, m)    # other captions for image i
   img_cand, img_valid = candidates(cand_key2, ikey, m)   # other images for caption i
+  embedded = None
+  if obj.itc_weight or obj.mine_with == "itc":
+    embedded = contrastive.embeddings(
+        model, batch, pad_id=obj.pad_id, cls_sep=(obj.cls_id, obj.sep_id),
+        dropout_key=jax.random.fold_in(dropout_key, 1) if train else None)
 
-  if m > k:  # mine: score all candidates without gradients, keep the K highest
-    rows = jnp.repeat(jnp.arange(b), m)
-    c, ci = cap_cand.reshape(-1), img_cand.reshape(-1)
-    frozen = jax.lax.stop_gradient
-    s_cap = frozen(_score(model, text[c], feat[rows], loc[rows], nreg[rows], obj.pad_id, None))
-    s_img = frozen(_score(model, text[rows], feat[ci], loc[ci], nreg[ci], obj.pad_id, None))
-    s_cap = jnp.where(cap_valid, s_cap.reshape(b, m), -jnp.inf)
-    s_img = jnp.where(img_valid, s_img.reshape(b, m), -jnp.inf)
-    _, pick_c = jax.lax.top_k(s_cap, k)
-    _, pick_i = jax.lax.top_k(s_img, k)
+  if m > k:
+    def mine(_):  # score all candidates without gradients, keep the K highest
+      frozen = jax.lax.stop_gradient
+      if obj.mine_with == "itc":
+        sim = frozen(embedded[0] @ embedded[1].T)  # [caption, image] of the batch
+        s_cap = jnp.take_along_axis(sim.T, cap_cand, 1)
+        s_img = jnp.take_along_axis(sim, img_cand, 1)
+      else:
+        rows = jnp.repeat(jnp.arange(b), m)
+        c, ci = cap_cand.reshape(-1), img_cand.reshape(-1)
+        s_cap = frozen(_score(model, text[c], feat[rows], loc[rows], nreg[rows], obj.pad_id,
+                              None)).reshape(b, m)
+        s_img = frozen(_score(model, text[rows], feat[ci], loc[ci], nreg[ci], obj.pad_id,
+                              None)).reshape(b, m)
+      s_cap = jnp.where(cap_valid, s_cap.reshape(b, m), -jnp.inf)
+      s_img = jnp.where(img_valid, s_img.reshape(b, m), -jnp.inf)
+      return jax.lax.top_k(s_cap, k)[1], jax.lax.top_k(s_img, k)[1]
+
+    def at_random(_):  # candidates come in random order, valid ones first
+      first = jnp.broadcast_to(jnp.arange(k), (b, k))
+      return first, first
+
+    if step is None or obj.hard_from_step <= 0:
+      pick_c, pick_i = mine(None)
+    else:
+      pick_c, pick_i = jax.lax.cond(step >= obj.hard_from_step, mine, at_random, None)
     cap_cand = jnp.take_along_axis(cap_cand, pick_c, 1)
     cap_valid = jnp.take_along_axis(cap_valid, pick_c, 1)
     img_cand = jnp.take_along_axis(img_cand, pick_i, 1)
@@ -132,11 +165,9 @@ def retrieval_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
              "triplet_loss": terms["triplet"],
              "i2t_batch_accuracy": by_caption["rank1_accuracy"],
              "t2i_batch_accuracy": by_image["rank1_accuracy"],
-             "positive_score": jnp.mean(pos)}
+             "positive_score": jnp.mean(pos), "score_std": jnp.std(s)}
   if obj.itc_weight:
-    l_itc, itc_metrics = contrastive.batch_itc(
-        model, batch, pad_id=obj.pad_id, cls_sep=(obj.cls_id, obj.sep_id),
-        dropout_key=jax.random.fold_in(dropout_key, 1) if train else None)
+    l_itc, itc_metrics = contrastive.itc_loss(*embedded, ikey, model.itc_scale())
     total = total + obj.itc_weight * l_itc
     metrics.update(itc_metrics, loss=total)
   return total, metrics
