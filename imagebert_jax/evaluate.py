@@ -8,7 +8,8 @@ finished chunk is saved, so a preempted evaluation resumes where it stopped.
 
 Outputs in the evaluation's folder: `scores.npy` (images x captions, float32), `caption_image.npy`
 (each caption's image index: the ground truth), `image_ids.json`, and `metrics.json` with R@1/5/10
-both ways and RSUM for the chosen protocol:
+both ways and RSUM for the chosen protocol, and the number of scores that were not finite
+(`nonfinite_scores`; they rank last):
   image->text: an image's rank is the best rank among its captions;
   text->image: a caption's rank is the rank of its image.
 Protocols: 'full' (the whole split), 'coco1k' (the mean over five folds of 1000 images in the
@@ -47,8 +48,12 @@ def ranks(scores: np.ndarray, caption_image: np.ndarray) -> tuple[np.ndarray, np
 
   A rank counts the wrong candidates scoring at least as high as the right one (for image->text
   the right one is the image's best-scoring caption), without sorting. Ties count against the
-  model, so a scorer that gives everything the same score gets nothing.
+  model, so a scorer that gives everything the same score gets nothing. A score that is not
+  finite (NaN, +inf or -inf) ranks last: a right candidate scored so is a miss, a wrong one
+  scored so is passed by every finite score, and among non-finite scores the tie rule holds, so
+  an all-NaN matrix retrieves nothing.
   """
+  scores = np.where(np.isfinite(scores), scores, -np.inf)
   n_img, n_cap = scores.shape
   own = caption_image[None, :] == np.arange(n_img)[:, None]
   wrong = ~own
@@ -57,6 +62,17 @@ def ranks(scores: np.ndarray, caption_image: np.ndarray) -> tuple[np.ndarray, np
   right = scores[caption_image, np.arange(n_cap)]
   t2i = np.sum((scores >= right[None, :]) & wrong, axis=0)
   return i2t, t2i
+
+
+def count_nonfinite(scores: np.ndarray, what: str = "") -> int:
+  """How many scores are NaN or infinite; logs a warning naming `what` when there are any (such
+  scores rank last, see `ranks`)."""
+  n = int(scores.size - np.count_nonzero(np.isfinite(scores)))
+  if n:
+    logging.warning("%s%s of %s scores are not finite (NaN or inf): they rank last, so a right "
+                    "pair scored so counts as a miss", f"{what}: " if what else "", f"{n:,}",
+                    f"{scores.size:,}")
+  return n
 
 
 def recall(scores: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:

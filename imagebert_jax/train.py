@@ -421,13 +421,15 @@ def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -
                               chunk_images=ecfg.chunk_images, progress=ecfg.progress)
   metrics, by_protocol = eval_lib.all_protocol_metrics(scores, split.caption_image,
                                                        split.source_order, ecfg.protocol)
+  nonfinite = eval_lib.count_nonfinite(scores, f"[{name}]")
   seconds = time.time() - started
   extra = {"protocol": ecfg.protocol, "split": stage.data.eval_split,
            "images": split.num_images, "captions": split.num_captions,
-           "checkpoint": source, "seconds": round(seconds, 2)}
+           "nonfinite_scores": nonfinite, "checkpoint": source, "seconds": round(seconds, 2)}
   eval_lib.write_results(out_dir, scores, split, metrics, extra)
   writer = metrics_lib.Writer(out_dir, os.path.join(workdir, "metrics.jsonl"), name)
-  writer.scalars(0, {f"retrieval/{k}": v for k, v in metrics.items()})
+  writer.scalars(0, {f"retrieval/{k}": v for k, v in
+                     dict(metrics, nonfinite_scores=nonfinite).items()})
   writer.close()
   if jax.process_index() == 0:
     print(f"[{name}] {ecfg.protocol} retrieval on {stage.data.eval_split} "

@@ -206,6 +206,41 @@ def test_ties_count_against_the_model():
   assert evaluate.recall(s, owner)["rsum"] == 600.0
 
 
+def test_nonfinite_scores_rank_last():
+  nan, inf = np.nan, np.inf
+  s = np.array([[0.9, nan, 0.8, inf, 0.3, 0.0],
+                [0.5, 0.4, nan, nan, 0.2, -inf],
+                [inf, 0.6, 0.9, 0.8, nan, 0.5]])
+  owner = np.array([0, 0, 1, 1, 2, 2])
+  i2t, t2i = evaluate.ranks(s, owner)
+  # image 0: its best is 0.9; the +inf of caption 3 ranks last, so nothing passes it -> 0.
+  # image 1: both its captions are NaN, so all 4 wrong ones (even the -inf) tie or pass -> 4.
+  # image 2: caption 4 is NaN, caption 5 is 0.5; 0.6, 0.9 and 0.8 pass it, the +inf does not.
+  np.testing.assert_array_equal(i2t, [0, 4, 3])
+  # caption 0: 0.9 vs 0.5 and +inf -> 0; captions 1-4 are NaN for their own image, so both other
+  # images (whatever they score, -inf and +inf included) tie or pass -> 2; caption 5: 0.5 vs 0.0
+  # and -inf -> 0.
+  np.testing.assert_array_equal(t2i, [0, 2, 2, 2, 2, 0])
+  assert evaluate.count_nonfinite(s) == 7
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_nonfinite_score_matrix_retrieves_nothing(bad, caplog):
+  owner = np.repeat(np.arange(20), 5)
+  s = np.full((20, 100), bad)
+  assert evaluate.recall(s, owner)["rsum"] == 0.0
+  # One right pair finite, the rest of the matrix bad: that image and caption are found.
+  s[3, 15] = 0.5
+  m = evaluate.recall(s, owner)
+  assert m["i2t_R@1"] == 100 / 20 and m["t2i_R@1"] == 100 / 100
+  with caplog.at_level("WARNING"):
+    assert evaluate.count_nonfinite(s, "[test]") == 20 * 100 - 1
+  assert "[test]: 1,999 of 2,000 scores are not finite" in caplog.text
+  caplog.clear()
+  assert evaluate.count_nonfinite(np.zeros((3, 3))) == 0
+  assert not caplog.records
+
+
 def test_chunks_of_another_evaluation_are_not_reused(tmp_path):
   rng = np.random.default_rng(5)
   split = _split(rng)

@@ -57,6 +57,7 @@ def test_demo_writes_metrics_checkpoints_and_events(smoke_run):
     with open(os.path.join(out, "metrics.json")) as f:
       m = json.load(f)
     assert set(m) >= {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"}
+    assert m["nonfinite_scores"] == 0
   assert results["finetuned"]["checkpoint"].endswith(os.path.join("finetune", "checkpoints"))
   assert not np.allclose(np.load(os.path.join(workdir, "zero_shot", "scores.npy")),
                          np.load(os.path.join(workdir, "finetuned", "scores.npy")))
