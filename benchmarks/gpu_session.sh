@@ -1,31 +1,87 @@
 #!/usr/bin/env bash
-# Everything a lent GPU session should run, in one call (about 8 minutes on one H100):
-#   1. the GPU-only tests (cuDNN attention against XLA),
-#   2. the training step at the paper's shape, batch 128, bfloat16, for the attention paths,
-#   3. rematerialisation and batch size (largest batch that fits, with and without remat),
-#   4. scoring throughput,
-#   5. the detector at its test-time shape.
-# The GPU image has jax, flax, optax, orbax and numpy but not ml_collections: put its wheel in
-# .device_wheels/ first (pip download ml-collections --no-deps -d .device_wheels) and carry that
-# folder. Output goes to $OUT/gpu_session.log.
+# Everything a lent GPU session runs, in one call, offline, in at most 8 minutes on one GPU:
+#   1. the GPU-only tests (tests/test_gpu.py: cuDNN attention against XLA); with
+#      IMAGEBERT_EXPECT_GPU=1 they fail, not skip, when JAX sees no GPU;
+#   2. the training step at the paper's shape, batch 128, bfloat16, with scoring throughput, for
+#      the cuDNN and XLA attention paths, and with the paper's attention dropout;
+#   3. the detector at its test-time shape;
+#   4. rematerialisation and batch size (the largest batch that fits, with and without remat);
+# then one table of every figure and of what failed, timed out or did not fit in the time.
+# Each command gets at most its own cap and never more than what is left of the 8 minutes
+# (GPU_SESSION_SECONDS, 470 by default: the table and the set-up take the rest).
+#
+# Run from anywhere: bash benchmarks/gpu_session.sh. Output goes to $OUT (or the current
+# folder): gpu_session.log (everything) and gpu_results.jsonl (the rows of the table).
+#
+# The GPU image has jax, flax, optax, orbax, etils, absl, numpy, tqdm, pytest and tensorboard
+# but not ml_collections. Its wheel (pure Python, py3) is kept in benchmarks/wheels/ and
+# installed from there without a network. To refresh that folder, on a machine with one:
+#   rm benchmarks/wheels/*.whl
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d benchmarks/wheels \
+#     'ml-collections>=1.0'
+# and add to the download only what a new requirement of the model side lacks on the image.
 set -uo pipefail
-log="${OUT:-.}/gpu_session.log"
+cd "$(dirname "$0")/.."
+out="${OUT:-.}"
+log="$out/gpu_session.log"
+results="$out/gpu_results.jsonl"
+: > "$results"
 exec > >(tee "$log") 2>&1
-pip install -q --no-deps .device_wheels/*.whl 2>/dev/null || true
-export PYTHONUNBUFFERED=1
+export JAX_PLATFORMS=cuda IMAGEBERT_EXPECT_GPU=1 PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 \
+  HF_HUB_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=2
+py="${PYTHON:-python3}"
+budget="${GPU_SESSION_SECONDS:-470}"
+
+"$py" -m pip install -q --no-index --no-deps benchmarks/wheels/*.whl \
+  || echo "installing benchmarks/wheels failed"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
-python -m pytest -q tests/test_gpu.py tests/test_model.py
-base="--config configs/imagebert_base.py --steps 20 --warmup 3"
+"$py" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
+'optax', optax.__version__, jax.devices())"
+
+# step LABEL CAP COMMAND...: runs COMMAND for at most CAP seconds (less when less is left) and
+# writes its status row; the benchmarks write their figure rows themselves.
+step() {
+  local label="$1" cap="$2"
+  shift 2
+  local left=$((budget - SECONDS))
+  if ((left < 20)); then
+    echo "{\"label\": \"$label\", \"status\": \"skipped: out of time\"}" >> "$results"
+    return
+  fi
+  ((cap > left)) && cap=$left
+  echo "=== $label (at most ${cap}s, ${left}s left)"
+  local start=$SECONDS status
+  timeout --kill-after=10 "$cap" "$@"
+  case $? in
+    0) status="ok" ;;
+    124 | 137) status="timed out after ${cap}s" ;;
+    *) status="failed" ;;
+  esac
+  echo "{\"label\": \"$label\", \"status\": \"$status\", \"seconds\": $((SECONDS - start))}" \
+    >> "$results"
+}
+
+bench() {  # bench LABEL CAP ARGS...: imagebert_jax.bench at the paper's shape
+  local label="$1" cap="$2"
+  shift 2
+  step "$label" "$cap" "$py" -m imagebert_jax.bench --config configs/imagebert_base.py \
+    --steps 20 --warmup 3 --results "$results" --label "$label" "$@"
+}
+
+step "tests/test_gpu.py" 120 "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py
 for impl in cudnn xla; do
-  python -m imagebert_jax.bench $base --batch_size 128 --modes train,score \
+  bench "$impl attention" 150 --batch_size 128 --modes train,score \
     --config.model.attention_impl=$impl --config.model.attention_dropout_rate=0.0
 done
-python -m imagebert_jax.bench $base --batch_size 128 --modes train   # paper's attention dropout
+step "detector" 120 "$py" -m imagebert_jax.detector.bench --steps 5 --warmup 2 \
+  --results "$results" --label detector
+bench "attention dropout 0.1" 90 --batch_size 128 --modes train
 for remat in none full; do
   for batch in 256 512 1024; do
-    python -m imagebert_jax.bench $base --batch_size $batch --modes train \
-      --config.model.remat=$remat --config.model.attention_dropout_rate=0.0 || echo "batch $batch remat $remat: does not fit"
+    bench "remat $remat, batch $batch" 90 --batch_size $batch --modes train \
+      --config.model.remat=$remat --config.model.attention_dropout_rate=0.0
   done
 done
-python -m imagebert_jax.detector.bench --steps 5 --warmup 2
+
+echo "=== every figure (${SECONDS}s)"
+"$py" -m imagebert_jax.bench --summary "$results"

@@ -6,8 +6,11 @@ and report both COCO 5K and the mean over its five 1K folds (COCO 1K).
     --config.pretrained=runs/pretrain/stage2/checkpoints \
     --config.text.vocab_file=bert-base-uncased/vocab.txt
 
-The 5K test is 5,000 images x 25,000 captions = 125M pairs; COCO 1K is read from the same scores
-(metrics.json holds the 5K metrics under their plain names and the 1K ones as `coco1k/...`).
+The 5K test is 5,000 images x 25,000 captions (each image's first five) = 125M pairs; COCO 1K is
+read from the same scores (metrics.json holds the 5K metrics under their plain names and the 1K
+ones as `coco1k/...`). Fine-tuning validates retrieval on the first 1,000 val images every 10,000
+steps and keeps the best RSUM in finetune/best_checkpoint, which `test` scores
+(--config.stages.test.init.select=last for the last checkpoint). `pretrained` must be given.
 """
 
 import ml_collections

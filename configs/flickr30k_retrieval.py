@@ -8,9 +8,11 @@ Build the dataset first (README, "Building a dataset"), then:
     --config.text.vocab_file=bert-base-uncased/vocab.txt
 
 Stages: `zero_shot` (the pretrained checkpoint through its matching head), `finetune` (batch 24,
-lr 5e-5, the three losses with hard negatives in both directions, as in the paper), `test` (the
-fine-tuned model on the 1,000 test images x 5,000 captions). Karpathy splits: train 29K images,
-val and test 1K each.
+lr 5e-5, the three losses with hard negatives in both directions, as in the paper; retrieval
+validated on the 1K val images every 5,000 steps, the best RSUM kept in finetune/best_checkpoint),
+`test` (that best checkpoint on the 1,000 test images x 5,000 captions;
+--config.stages.test.init.select=last scores the last one). Karpathy splits: train 29K images,
+val and test 1K each. `pretrained` must be given: an empty one is refused before anything runs.
 """
 
 import ml_collections

@@ -49,6 +49,11 @@ _MODES = flags.DEFINE_list("modes", ["train", "score"],
 _TILE = flags.DEFINE_string("score_tile", "8x128", "Scoring tile: images x captions per step.")
 _DATA = flags.DEFINE_string("data_dir", "", "Mode 'input': a built dataset to feed the train "
                             "step through the real tf.data pipeline (the split 'train').")
+_RESULTS = flags.DEFINE_string("results", "", "Also append each row, as one JSON object with "
+                               "--label, to this JSON-lines file.")
+_LABEL = flags.DEFINE_string("label", "", "This run's name in --results.")
+_SUMMARY = flags.DEFINE_string("summary", "", "Print one table of every row of this JSON-lines "
+                               "file (written with --results) and exit.")
 
 
 def flops_per_sample(cfg: ModelConfig, text_words: int, mlm_rate: float = 0.15) -> dict:
@@ -243,8 +248,50 @@ def format_table(rows: list[dict[str, Any]]) -> str:
   return "\n".join(out)
 
 
+SUMMARY_COLUMNS = (("label", "{}"), ("status", "{}"), ("mode", "{}"), ("dtype", "{}"),
+                   ("batch", "{}"), ("step_ms", "{:.1f}"), ("samples_per_s", "{:,.0f}"),
+                   ("pairs_per_s", "{:,.0f}"), ("images_per_s", "{:.2f}"), ("mfu", "{:.1%}"),
+                   ("peak_mem_gib", "{:.2f}"), ("seconds", "{:.0f}"))
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+  """One table of result rows, by label in the order labels first came: a label's figure rows
+  (those with a mode) with its status row's fields (a session script's status and seconds), or
+  the status row alone when the label has no figures."""
+  labels = list(dict.fromkeys(r.get("label", "") for r in rows))
+  table = []
+  for label in labels:
+    status: dict[str, Any] = {}
+    for r in rows:
+      if r.get("label", "") == label and not r.get("mode"):
+        status.update(r)
+    figures = [r for r in rows if r.get("label", "") == label and r.get("mode")]
+    table.extend([{**status, **r} for r in figures] or [status])
+  lines = [[c for c, _ in SUMMARY_COLUMNS]]
+  for r in table:
+    lines.append(["-" if r.get(c) is None else
+                  (r[c] if isinstance(r[c], str) else fmt.format(r[c]))
+                  for c, fmt in SUMMARY_COLUMNS])
+  widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+  out = ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines]
+  out.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(out)
+
+
+def append_results(path: str, label: str, rows: list[dict[str, Any]]) -> None:
+  import json
+  with open(path, "a", encoding="utf-8") as f:
+    for r in rows:
+      f.write(json.dumps({"label": label, **r}, default=str) + "\n")
+
+
 def main(argv):
   del argv
+  if _SUMMARY.value:
+    import json
+    with open(_SUMMARY.value, encoding="utf-8") as f:
+      print(summary_table([json.loads(line) for line in f if line.strip()]))
+    return
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config configs/imagebert_base.py")
   config = _CONFIG.value
@@ -271,6 +318,8 @@ def main(argv):
       print(f"score: {row['batch']} pairs per step; the Flickr30k 1K test (5M pairs) would take "
             f"{row['flickr30k_1k_minutes']:.1f} min")
   print(format_table(rows))
+  if _RESULTS.value:
+    append_results(_RESULTS.value, _LABEL.value, rows)
 
 
 if __name__ == "__main__":

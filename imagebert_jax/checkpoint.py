@@ -116,6 +116,64 @@ class Checkpointer:
     self.manager.close()
 
 
+BEST_DIR = "best_checkpoint"  # beside a stage's rolling `checkpoints/`
+
+
+class BestCheckpoint:
+  """The parameters of the step with the highest validation metric, kept apart from the rolling
+  checkpoints: `<stage>/best_checkpoint/<step>/state` ({'params'}), the metric in Orbax's
+  metadata of that step, one step kept.
+
+  `consider(step, params, value)` saves when `value` beats the best so far (a tie keeps the
+  earlier step). The best so far is read back from disk, so a resumed run compares against it;
+  an exactly resumed run that validates a step again gets the same value and rewrites nothing.
+  """
+
+  def __init__(self, directory: str, metric: str):
+    self.directory = os.path.abspath(directory)
+    self.metric = metric
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                           best_fn=lambda m: m[metric], best_mode="max")
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    step = self.manager.best_step()
+    self._best = (None, None) if step is None else (
+        step, float(self.manager.metrics(step)[metric]))
+
+  def best(self) -> tuple[int | None, float | None]:
+    """(step, metric value) of the best checkpoint kept, or (None, None)."""
+    return self._best
+
+  def consider(self, step: int, params: Any, value: float) -> bool:
+    """Keeps `params` when `value` is better than the best so far; True when it did."""
+    best = self._best[1]
+    if best is not None and not value > best:
+      return False
+    if step in self.manager.all_steps():  # a step validated before a resume, now better
+      self.manager.delete(step)
+    self.manager.save(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": params})), metrics={self.metric: float(value)},
+                      force=True)
+    self._best = (int(step), float(value))
+    return True
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def has_checkpoint(directory: str) -> bool:
+  """Whether a CheckpointManager folder holds at least one complete step."""
+  return os.path.isdir(directory) and any(
+      d.isdigit() and os.path.isdir(os.path.join(directory, d, "state"))
+      for d in os.listdir(directory))
+
+
+def step_of(path: str) -> int | None:
+  """The step of the checkpoint `state_dir(path)` resolves to (None when the path names none)."""
+  folder = os.path.basename(os.path.dirname(state_dir(path)))
+  return int(folder) if folder.isdigit() else None
+
+
 class CheckpointMismatch(ConfigError):
   """A checkpoint of a different train state than the config builds."""
 

@@ -80,7 +80,10 @@ def train_default(batch_size: int = 48, num_steps: int = 1_000_000) -> ConfigDic
       # Alarms (imagebert_jax/monitor.py): matching scores whose std across a batch stays below
       # collapse_min_score_std for collapse_patience log intervals; pretraining ITM accuracy
       # still at chance after itm_chance_steps steps (0: no such alarm).
-      collapse_min_score_std=1e-3, collapse_patience=3, itm_chance_steps=0))
+      collapse_min_score_std=1e-3, collapse_patience=3, itm_chance_steps=0,
+      # > 0: a jax.profiler trace of this many steps, from after step profile_first_step, in
+      # <workdir>/<stage>/plugins/profile/ (TensorBoard's profile plugin).
+      profile_steps=0, profile_first_step=10))
 
 
 def data_default(directory: str = "", train_split: str = "train",
@@ -95,12 +98,27 @@ def data_default(directory: str = "", train_split: str = "train",
                                 captions_per_image=5))))
 
 
+def init_default(*, from_stage: str = "", checkpoint: str = "") -> ConfigDict:
+  """Where a stage's weights come from.
+
+  bert         a Hugging Face BERT folder for the text side (applied first)
+  checkpoint   a checkpoint folder of this project; every parameter it has is restored
+  from_stage   an earlier stage of this run, instead of `checkpoint`; `select` picks its
+               checkpoint: 'best' (the best validation RSUM of a fine-tuning stage, kept in
+               <stage>/best_checkpoint; its last checkpoint when it kept none) or 'last'
+  from_scratch fine-tuning and evaluation stages refuse to start without any of the above
+               unless this says random initial weights are meant
+  """
+  return ConfigDict(dict(from_stage=from_stage, checkpoint=checkpoint, bert="", select="best",
+                         from_scratch=False))
+
+
 def pretrain_stage(data: ConfigDict, *, batch_size: int, num_steps: int,
                    learning_rate: float = 1e-4) -> ConfigDict:
   return ConfigDict(dict(
       kind="pretrain", data=data, objective=objective_default(),
       optim=optim_default(learning_rate), train=train_default(batch_size, num_steps),
-      init=ConfigDict(dict(from_stage="", checkpoint="", bert=""))))
+      init=init_default()))
 
 
 def retrieval_objective_default() -> ConfigDict:
@@ -118,8 +136,17 @@ def finetune_stage(data: ConfigDict, *, from_stage: str = "", checkpoint: str = 
   optim.warmup_steps = min(1000, num_steps // 10)
   return ConfigDict(dict(
       kind="finetune", data=data, objective=retrieval_objective_default(), optim=optim,
-      train=train_default(batch_size, num_steps),
-      init=ConfigDict(dict(from_stage=from_stage, checkpoint=checkpoint, bert=""))))
+      train=train_default(batch_size, num_steps), val=retrieval_validation_default(),
+      init=init_default(from_stage=from_stage, checkpoint=checkpoint)))
+
+
+def retrieval_validation_default() -> ConfigDict:
+  """Retrieval on `data.eval_split` every `train.eval_every` steps of fine-tuning and at its last
+  step: R@1/5/10 and RSUM logged as val/..., and the parameters of the best RSUM kept in
+  <stage>/best_checkpoint. A fixed subset keeps it cheap: the split's first `max_images` images
+  with their captions (0: all of them)."""
+  return ConfigDict(dict(retrieval=True, max_images=100, captions_per_image=5, tile_images=8,
+                         tile_captions=128))
 
 
 def evaluate_stage(data: ConfigDict, *, from_stage: str = "", checkpoint: str = "",
@@ -127,16 +154,23 @@ def evaluate_stage(data: ConfigDict, *, from_stage: str = "", checkpoint: str = 
   """All-pairs retrieval evaluation of the split `data.eval_split`."""
   return ConfigDict(dict(
       kind="evaluate", data=data,
+      # captions_per_image: each image's first captions in the caption file's order (the
+      # Karpathy protocol's five); 0 keeps all.
       eval=ConfigDict(dict(protocol=protocol, tile_images=8, tile_captions=128,
-                           chunk_images=64, max_images=0, progress=True)),
-      init=ConfigDict(dict(from_stage=from_stage, checkpoint=checkpoint, bert=""))))
+                           chunk_images=64, max_images=0, captions_per_image=5, progress=True)),
+      init=init_default(from_stage=from_stage, checkpoint=checkpoint)))
 
 
 def retrieval_run(data_dir: str, *, train_split: str, num_steps: int, eval_every: int,
                   evaluations: dict[str, tuple[str, str]], run: str) -> ConfigDict:
   """A retrieval run: fine-tuning from `config.pretrained` on `config.data_dir` (validated on
   'val') and evaluations on 'test', each {stage name: (its weights: 'pretrained' or 'finetune',
-  protocol)}. Both folders are config fields that every stage refers to."""
+  protocol)}. Both folders are config fields that every stage refers to; an empty `pretrained`
+  is refused unless the stages say they start from BERT (init.bert) or from scratch.
+
+  Fine-tuning validates retrieval on the first 1,000 'val' images (Flickr30k's whole val split,
+  a fold of COCO's 5K) every `eval_every` steps; the evaluations after it score the checkpoint
+  of the best validation RSUM (init.select='last' for the last one)."""
   c = run_config()
   c.data_dir = data_dir      # the built dataset, used by every stage
   c.pretrained = ""          # the pretraining checkpoints folder the fine-tuning starts from
@@ -145,6 +179,7 @@ def retrieval_run(data_dir: str, *, train_split: str, num_steps: int, eval_every
   c.stages.finetune = finetune_stage(data, checkpoint=c.get_ref("pretrained"), batch_size=24,
                                      num_steps=num_steps, learning_rate=5e-5)
   c.stages.finetune.train.update(dict(eval_every=eval_every, checkpoint_every=2000))
+  c.stages.finetune.val.max_images = 1000
   for name, (weights, protocol) in evaluations.items():
     stage = evaluate_stage(data_default(directory=c.get_ref("data_dir"), eval_split="test"),
                            protocol=protocol)
@@ -152,6 +187,7 @@ def retrieval_run(data_dir: str, *, train_split: str, num_steps: int, eval_every
       stage.init.checkpoint = c.get_ref("pretrained")
     else:
       stage.init.from_stage = weights
+      stage.init.select = "best"
     stage.eval.chunk_images = 40
     c.stages[name] = stage
   c.run = run

@@ -8,7 +8,8 @@ finished chunk is saved, so a preempted evaluation resumes where it stopped.
 
 Outputs in the evaluation's folder: `scores.npy` (images x captions, float32), `caption_image.npy`
 (each caption's image index: the ground truth), `image_ids.json`, and `metrics.json` with R@1/5/10
-both ways and RSUM for the chosen protocol:
+both ways and RSUM for the chosen protocol, and the number of scores that were not finite
+(`nonfinite_scores`; they rank last):
   image->text: an image's rank is the best rank among its captions;
   text->image: a caption's rank is the rank of its image.
 Protocols: 'full' (the whole split), 'coco1k' (the mean over five folds of 1000 images in the
@@ -47,8 +48,12 @@ def ranks(scores: np.ndarray, caption_image: np.ndarray) -> tuple[np.ndarray, np
 
   A rank counts the wrong candidates scoring at least as high as the right one (for image->text
   the right one is the image's best-scoring caption), without sorting. Ties count against the
-  model, so a scorer that gives everything the same score gets nothing.
+  model, so a scorer that gives everything the same score gets nothing. A score that is not
+  finite (NaN, +inf or -inf) ranks last: a right candidate scored so is a miss, a wrong one
+  scored so is passed by every finite score, and among non-finite scores the tie rule holds, so
+  an all-NaN matrix retrieves nothing.
   """
+  scores = np.where(np.isfinite(scores), scores, -np.inf)
   n_img, n_cap = scores.shape
   own = caption_image[None, :] == np.arange(n_img)[:, None]
   wrong = ~own
@@ -57,6 +62,17 @@ def ranks(scores: np.ndarray, caption_image: np.ndarray) -> tuple[np.ndarray, np
   right = scores[caption_image, np.arange(n_cap)]
   t2i = np.sum((scores >= right[None, :]) & wrong, axis=0)
   return i2t, t2i
+
+
+def count_nonfinite(scores: np.ndarray, what: str = "") -> int:
+  """How many scores are NaN or infinite; logs a warning naming `what` when there are any (such
+  scores rank last, see `ranks`)."""
+  n = int(scores.size - np.count_nonzero(np.isfinite(scores)))
+  if n:
+    logging.warning("%s%s of %s scores are not finite (NaN or inf): they rank last, so a right "
+                    "pair scored so counts as a miss", f"{what}: " if what else "", f"{n:,}",
+                    f"{scores.size:,}")
+  return n
 
 
 def recall(scores: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
@@ -83,7 +99,9 @@ def score_spread(scores: np.ndarray) -> dict:
 
 
 PROTOCOLS = ("full", "coco1k", "first1k")
-PROTOCOL_IMAGES = {"coco1k": 5000, "first1k": 1000}  # images a protocol needs
+FOLD_IMAGES = 1000                            # images per fold of the 1K protocols
+PROTOCOL_FOLDS = {"coco1k": 5, "first1k": 1}
+PROTOCOL_IMAGES = {p: n * FOLD_IMAGES for p, n in PROTOCOL_FOLDS.items()}  # images they need
 
 
 def protocol_names(spec: str) -> list[str]:
@@ -97,14 +115,14 @@ def protocol_metrics(scores: np.ndarray, caption_image: np.ndarray, order: np.nd
   """Metrics by protocol; `order` sorts the images as the caption source lists them."""
   if protocol == "full":
     return recall(scores, caption_image)
-  if protocol in ("coco1k", "first1k"):
-    folds = PROTOCOL_IMAGES[protocol] // 1000
-    if len(order) < 1000 * folds:
-      raise ValueError(f"protocol {protocol} needs {1000 * folds} images, the split has "
+  if protocol in PROTOCOL_FOLDS:
+    folds, size = PROTOCOL_FOLDS[protocol], FOLD_IMAGES
+    if len(order) < size * folds:
+      raise ValueError(f"protocol {protocol} needs {size * folds} images, the split has "
                        f"{len(order)}")
     results = []
     for f in range(folds):
-      images = order[1000 * f:1000 * (f + 1)]
+      images = order[size * f:size * (f + 1)]
       remap = -np.ones(len(order), np.int64)
       remap[images] = np.arange(len(images))
       caps = np.nonzero(remap[caption_image] >= 0)[0]
@@ -138,8 +156,14 @@ class Split:
 
 
 def load_split(data_dir: str, split: str, *, max_text_len: int, max_regions: int, pad_id: int,
-               sep_id: int, max_images: int | None = None) -> Split:
-  """Reads every record of a split (on every process: the devices then get replicated copies)."""
+               sep_id: int, max_images: int | None = None,
+               captions_per_image: int = 0) -> Split:
+  """Reads every record of a split (on every process: the devices then get replicated copies).
+
+  `max_images`: only the first images of the split, in its stored order (a fixed subset).
+  `captions_per_image` > 0: only each image's first captions, in the caption file's order (the
+  Karpathy protocol's five; COCO has images with six or seven); 0 keeps them all.
+  """
   import tensorflow_datasets as tfds
   from imagebert_jax.data import pipeline
   cfg = pipeline.PipelineConfig(data_dir=data_dir, split=split, batch_size=1,
@@ -159,6 +183,8 @@ def load_split(data_dir: str, split: str, *, max_text_len: int, max_regions: int
     feats.append(image["region_feat"])
     locs.append(image["region_loc"])
     nregs.append(image["num_regions"])
+    if captions_per_image:
+      text = text[:captions_per_image]
     texts.append(text)
     owners.append(np.full(len(text), i, np.int32))
     ids.append(image_id.decode() if isinstance(image_id, bytes) else str(image_id))
@@ -209,6 +235,31 @@ def make_scorer(graphdef: Any, mesh, rules, *, tile_images: int, tile_captions: 
   return run
 
 
+class SplitScorer:
+  """A split put on the devices once, and one jitted tile scorer over it; `rows(params, a, b)`
+  scores images a..b-1 against every caption. Fine-tuning keeps one to validate with."""
+
+  def __init__(self, split: Split, graphdef: Any, mesh, rules, *, pad_id: int,
+               tile_images: int = 8, tile_captions: int = 128):
+    self.split = split
+    self.tile_images, self.tile_captions = tile_images, tile_captions
+    self.arrays = tuple(parallel.replicated_array(x, mesh) for x in (
+        split.region_feat, split.region_loc, split.num_regions, split.text_ids))
+    self._score = make_scorer(graphdef, mesh, rules, tile_images=tile_images,
+                              tile_captions=tile_captions, pad_id=pad_id)
+
+  def rows(self, params: Any, start: int, stop: int) -> np.ndarray:
+    """Scores [stop - start, captions], float32 on the host (the same on every process)."""
+    n_cap = self.split.num_captions
+    tiles = []
+    for i0 in range(start, stop, self.tile_images):
+      row_tiles = [self._score(params, self.arrays, i0, j0)
+                   for j0 in range(0, n_cap, self.tile_captions)]
+      tiles.append(jnp.concatenate(row_tiles, axis=1))
+    block = jax.device_get(jnp.concatenate(tiles, axis=0))
+    return np.asarray(block, np.float32)[:stop - start, :n_cap]
+
+
 def score_all(params: Any, split: Split, graphdef: Any, mesh, rules, out_dir: str, *,
               pad_id: int, tile_images: int = 8, tile_captions: int = 128,
               chunk_images: int = 64, progress: bool = True) -> np.ndarray:
@@ -217,10 +268,8 @@ def score_all(params: Any, split: Split, graphdef: Any, mesh, rules, out_dir: st
   chunks_dir = os.path.join(out_dir, "chunks")
   os.makedirs(chunks_dir, exist_ok=True)
   n_img, n_cap = split.num_images, split.num_captions
-  arrays = tuple(parallel.replicated_array(x, mesh) for x in (split.region_feat, split.region_loc,
-                                                 split.num_regions, split.text_ids))
-  scorer = make_scorer(graphdef, mesh, rules, tile_images=tile_images,
-                       tile_captions=tile_captions, pad_id=pad_id)
+  scorer = SplitScorer(split, graphdef, mesh, rules, pad_id=pad_id, tile_images=tile_images,
+                       tile_captions=tile_captions)
   starts = list(range(0, n_img, chunk_images))
   done = _finished_chunks(chunks_dir, starts, {
       "images": n_img, "captions": n_cap, "chunk_images": chunk_images,
@@ -238,11 +287,7 @@ def score_all(params: Any, split: Split, graphdef: Any, mesh, rules, out_dir: st
     if s in done:
       continue
     rows = min(chunk_images, n_img - s)
-    tiles = []
-    for i0 in range(s, s + rows, tile_images):
-      row_tiles = [scorer(params, arrays, i0, j0) for j0 in range(0, n_cap, tile_captions)]
-      tiles.append(jnp.concatenate(row_tiles, axis=1))
-    block = np.asarray(jax.device_get(jnp.concatenate(tiles, axis=0)))[:rows, :n_cap]
+    block = scorer.rows(params, s, s + rows)
     if jax.process_index() == 0:
       path = _chunk_path(chunks_dir, s)
       np.save(path + ".tmp.npy", block.astype(np.float32))

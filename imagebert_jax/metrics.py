@@ -1,16 +1,16 @@
-"""Metric writers: TensorBoard (clu) and `workdir/metrics.jsonl`, plus progress reports.
+"""Metric writers (clu): the console, TensorBoard and `workdir/metrics.jsonl`; progress reports and
+profiling (clu periodic actions).
 
-Every scalar goes to both. metrics.jsonl holds one JSON object per line with the stage, the step
-and every scalar, so scripts and tests read runs without TensorBoard. Only process 0 writes.
+Every scalar goes to all three. metrics.jsonl holds one JSON object per line with the stage, the
+step and every scalar, so scripts and tests read runs without TensorBoard. Only process 0 writes
+files. clu is imported where it is used: its metric writers import TensorFlow.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
-import time
 from typing import Any, Mapping
 
 import jax
@@ -66,56 +66,84 @@ class JsonlWriter:
 
 
 class Writer:
-  """TensorBoard events in `logdir` and JSON lines in `jsonl_path`; a no-op off process 0."""
+  """clu's default writer (the console log, and TensorBoard events in `<workdir>/<stage>`) and a
+  JsonlWriter on `<workdir>/metrics.jsonl`, in one clu MultiWriter. Off process 0 only the
+  console: the values are global, so one process writes the files."""
 
-  def __init__(self, logdir: str, jsonl_path: str, stage: str):
-    self.active = jax.process_index() == 0
-    self.writers = []
-    if self.active:
-      from clu import metric_writers  # local: imports TensorFlow / TensorBoard
-      self.writers.append(metric_writers.SummaryWriter(logdir))
-      self.writers.append(JsonlWriter(jsonl_path, stage))
+  def __init__(self, workdir: str, stage: str):
+    from clu import metric_writers  # local: imports TensorFlow / TensorBoard
+    main = jax.process_index() == 0
+    # collection=stage: TensorBoard events go to <workdir>/<stage>, console lines name the stage.
+    writers = [metric_writers.create_default_writer(
+        workdir if main else None, just_logging=not main, asynchronous=False, collection=stage)]
+    if main:
+      writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl"), stage))
+    self.writer = metric_writers.MultiWriter(writers)
 
   def scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    for w in self.writers:
-      w.write_scalars(step, scalars)
+    if scalars:
+      self.writer.write_scalars(step, scalars)
 
   def flush(self) -> None:
-    for w in self.writers:
-      w.flush()
+    self.writer.flush()
 
   def close(self) -> None:
-    for w in self.writers:
-      w.close()
+    self.writer.close()
 
 
 class Progress:
-  """Steps/s, samples/s and time left, logged every report."""
+  """Progress reports and profiling through clu's periodic actions; call it after every step.
 
-  def __init__(self, total_steps: int, start_step: int, batch_size: int, label: str = ""):
-    self.total = total_steps
-    self.batch = batch_size
-    self.label = label
-    self._t = time.time()
-    self._step = start_step
+  clu's ReportProgress logs steps/s, the share done and the time left every `every_steps` steps
+  and at the last one. What it measures (steps/s, uptime) is not written as rows of its own:
+  `timings()` hands it, with samples/s, to the log row of the same step, so each logged step is
+  one line of metrics.jsonl. With `profile_steps` > 0, clu's Profile records a jax.profiler trace
+  of that many steps after step `profile_first_step` into `logdir/plugins/profile/`, where
+  TensorBoard's profile plugin finds it.
+  """
 
-  def report(self, step: int) -> dict[str, float]:
-    now = time.time()
-    dt = max(now - self._t, 1e-9)
-    rate = (step - self._step) / dt
-    self._t, self._step = now, step
-    left = (self.total - step) / rate if rate > 0 else float("inf")
-    logging.info("%sstep %d/%d: %.2f steps/s, %.1f samples/s, %s left", self.label, step,
-                 self.total, rate, rate * self.batch, format_seconds(left))
-    return {"steps_per_sec": rate, "samples_per_sec": rate * self.batch}
+  def __init__(self, *, logdir: str, num_steps: int, start_step: int, every_steps: int,
+               batch_size: int, profile_steps: int = 0, profile_first_step: int = 1):
+    from clu import periodic_actions
+    self._batch = batch_size
+    self._values: dict[str, float] = {}
+    self._report = periodic_actions.ReportProgress(
+        num_train_steps=num_steps, writer=self, every_steps=every_steps, every_secs=None)
+    self._report(start_step)  # the first call only starts the clock
+    self._profile = None
+    if profile_steps:
+      self._profile = periodic_actions.Profile(
+          logdir=logdir, num_profile_steps=profile_steps, profile_duration_ms=None,
+          first_profile=profile_first_step, every_steps=None, every_secs=None)
 
+  def __call__(self, step: int) -> None:
+    self._report(step)
+    if self._profile is not None:
+      self._profile(step)
 
-def format_seconds(s: float) -> str:
-  if not math.isfinite(s):
-    return "?"
-  s = int(s)
-  return f"{s // 3600}h{(s % 3600) // 60:02d}m{s % 60:02d}s" if s >= 3600 else \
-      f"{s // 60}m{s % 60:02d}s"
+  def timed(self, name: str):
+    """A context that counts its time as `name` in the progress reports (e.g. 'eval')."""
+    return self._report.timed(name)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """What ReportProgress measured (it takes this object as its metric writer)."""
+    del step
+    self._values.update({k: float(v) for k, v in scalars.items()})
+
+  def timings(self) -> dict[str, float]:
+    """steps_per_sec, samples_per_sec and uptime of the last report (empty when none is new)."""
+    values, self._values = self._values, {}
+    if "steps_per_sec" in values:
+      values["samples_per_sec"] = values["steps_per_sec"] * self._batch
+    return values
+
+  def close(self) -> None:
+    """Ends a profile that the run's end (or a stop) cut short."""
+    if self._profile is not None:
+      try:
+        jax.profiler.stop_trace()
+      except RuntimeError:  # none running: it ended on its own
+        pass
 
 
 def mean_metrics(history: list[Mapping[str, Any]]) -> dict[str, float]:

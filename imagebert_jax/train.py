@@ -136,11 +136,15 @@ def objective_for(kind: str, obj_cfg: ml_collections.ConfigDict, ids):
 
 
 def init_source(stage: ml_collections.ConfigDict, workdir: str) -> str:
-  """The checkpoint a stage starts from ('' for none): init.checkpoint, or init.from_stage's."""
+  """The checkpoint a stage starts from ('' for none): init.checkpoint, or init.from_stage's:
+  its best checkpoint by validation when it kept one and init.select is 'best', else its last."""
   init = stage.init
   if init.checkpoint:
     return init.checkpoint
   if init.from_stage:
+    best = os.path.join(workdir, init.from_stage, ckpt_lib.BEST_DIR)
+    if init.select == "best" and ckpt_lib.has_checkpoint(best):
+      return best
     return os.path.join(workdir, init.from_stage, "checkpoints")
   return ""
 
@@ -170,7 +174,11 @@ def starting_params(name: str, stage: ml_collections.ConfigDict, workdir: str,
                       ", ".join(left))
   if source:
     restored, missing, unexpected = ckpt_lib.load_params(source, abstract_params)
-    logging.info("[%s] starting from %s: %d parameters restored", name, source, len(restored))
+    logging.info("[%s] starting from %s (step %s): %d parameters restored", name, source,
+                 ckpt_lib.step_of(source), len(restored))
+    if stage.init.from_stage and stage.init.select == "best" and ckpt_lib.BEST_DIR not in source:
+      logging.info("[%s] %s kept no best checkpoint (it ran no retrieval validation): using its "
+                   "last", name, stage.init.from_stage)
     if missing:
       logging.warning("[%s] not in %s, %s: %s", name, source,
                       "from the BERT checkpoint or freshly initialised" if stage.init.bert
@@ -229,6 +237,46 @@ def with_feature_statistics(name: str, params: Any, model_cfg: ModelConfig, data
   return {**params, "region_feature_mean": place(mean, m), "region_feature_scale": place(scale, s)}
 
 
+def retrieval_validation(stage: ml_collections.ConfigDict, name: str, data_dir: str, ids,
+                         model_cfg: ModelConfig, spec: state_lib.StateSpec,
+                         stage_dir: str) -> Any | None:
+  """Fine-tuning's validation: `validate(params, step) -> {'val/...': value}` scores every pair
+  of a fixed subset of `data.eval_split` (stage.val) with the matching head, and keeps the
+  parameters of the best RSUM in <stage>/best_checkpoint (`validate.best`). None when the stage
+  does not validate (not fine-tuning, val.retrieval off, eval_every 0, or no eval split)."""
+  val = stage.val if stage.kind == "finetune" else None
+  if not val or not val.retrieval or not stage.train.eval_every or not stage.data.eval_split:
+    return None
+  from imagebert_jax import evaluate as eval_lib
+  from imagebert_jax.data import pipeline, records
+  dirs = [d for d in pipeline.data_dirs(data_dir)
+          if pipeline.has_split(records.read_info(d), stage.data.eval_split)]
+  split = eval_lib.load_split(dirs[0], stage.data.eval_split,
+                              max_text_len=model_cfg.max_text_len,
+                              max_regions=model_cfg.max_regions, pad_id=ids.pad_id,
+                              sep_id=ids.sep_id, max_images=val.max_images or None,
+                              captions_per_image=val.captions_per_image)
+  logging.info("[%s] retrieval validation every %d steps on %s of %s: %d images x %d captions",
+               name, stage.train.eval_every, stage.data.eval_split, dirs[0], split.num_images,
+               split.num_captions)
+  scorer = eval_lib.SplitScorer(split, spec.graphdef, spec.mesh, spec.rules, pad_id=ids.pad_id,
+                                tile_images=val.tile_images, tile_captions=val.tile_captions)
+  best = ckpt_lib.BestCheckpoint(os.path.join(stage_dir, ckpt_lib.BEST_DIR), "rsum")
+
+  def validate(params, step: int) -> dict[str, float]:
+    scores = scorer.rows(params, 0, split.num_images)
+    metrics = eval_lib.recall(scores, split.caption_image)
+    metrics["nonfinite_scores"] = eval_lib.count_nonfinite(
+        scores, f"[{name}] validation at step {step}")
+    if best.consider(step, params, metrics["rsum"]):
+      logging.info("[%s] step %d: validation RSUM %.2f, the best so far: kept in %s", name, step,
+                   metrics["rsum"], best.directory)
+    return {f"val/{k}": v for k, v in metrics.items()}
+
+  validate.best = best
+  return validate
+
+
 class Preempted(Exception):
   """Training stopped cleanly on SIGTERM after checkpointing."""
 
@@ -245,6 +293,7 @@ class Preemption:
 
   def __init__(self):
     self.requested = False
+    self.step = 0  # the steps dispatched so far (the loop keeps it current), for the log
     self._previous = None
     self._service = jax.process_count() > 1 and _preemption_service_running()
     if not self._service and threading.current_thread() is threading.main_thread():
@@ -253,7 +302,8 @@ class Preemption:
   def _handle(self, signum, frame):
     del signum, frame
     if not self.requested:
-      logging.warning("Termination signal: checkpointing at the next step boundary")
+      logging.warning("Termination signal after step %d: checkpointing at the next step "
+                      "boundary", self.step)
     self.requested = True
 
   def reached(self, step: int, boundary: bool) -> bool:
@@ -362,10 +412,11 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
                       name, stage.data.eval_split, tcfg.batch_size)
     return {f"eval/{k}": v for k, v in metrics_lib.mean_metrics(history).items()}
 
+  validation = retrieval_validation(stage, name, data_dir, ids, model_cfg, spec, stage_dir)
+
   # ---- Loop -----------------------------------------------------------------------------------
-  writer = metrics_lib.Writer(stage_dir, os.path.join(workdir, "metrics.jsonl"), name)
+  writer = metrics_lib.Writer(workdir, name)
   monitor = monitor_lib.LearningMonitor(name, monitor_lib.MonitorConfig.from_config(tcfg))
-  progress = metrics_lib.Progress(tcfg.num_steps, start_step, tcfg.batch_size, f"[{name}] ")
   history: list[dict] = []  # this log interval's per-step metrics (host values)
   data_saved = bool(start_step) and data_state.has(start_step)
   train_pipe = pipe
@@ -399,8 +450,12 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
           f"{tcfg.max_nonfinite_in_a_row}); stopping")
 
   preemption = Preemption()
+  progress = metrics_lib.Progress(
+      logdir=stage_dir, num_steps=tcfg.num_steps, start_step=start_step,
+      every_steps=tcfg.log_every, batch_size=tcfg.batch_size, profile_steps=tcfg.profile_steps,
+      profile_first_step=tcfg.profile_first_step)
   first = last = None
-  step = start_step
+  step = preemption.step = start_step
   previous = None  # the last step's metrics: read one step late so the device never waits
 
   def take(metrics, at_step):
@@ -412,6 +467,8 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
     while step < tcfg.num_steps:
       state, step_metrics = train_step(state, parallel.global_batch(next(batches), mesh, rules))
       step += 1
+      preemption.step = step
+      progress(step)
       if previous is not None:
         take(previous, step - 1)
       previous = step_metrics
@@ -424,15 +481,22 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
       if log_now:
         scalars = metrics_lib.mean_metrics(history)
         history = []
-        scalars.update(progress.report(step))
+        scalars.update(progress.timings())
         scalars.update(monitor.check(step, scalars))
         writer.scalars(step, scalars)
         first = first or scalars
         last = scalars
+      if validation and (step % tcfg.eval_every == 0 or step == tcfg.num_steps):
+        # Before the step's checkpoint: a run resumed from it has validated that step already.
+        with progress.timed("eval"):
+          writer.scalars(step, validation(state.params, step))
       if save_now:
         save(step, state)
       if stop:
+        progress.close()
         checkpointer.close()
+        if validation:
+          validation.best.close()
         writer.close()
         raise Preempted(f"[{name}] stopped at step {step} on a termination signal; the "
                         "checkpoint is written: rerun the same command to resume")
@@ -440,6 +504,7 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
         writer.scalars(step, evaluate(state.params))
   finally:
     preemption.restore()
+  progress.close()
   final_eval = evaluate(state.params)
   if final_eval:
     writer.scalars(step, final_eval)
@@ -447,6 +512,11 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
   writer.close()
   summary = {"kind": kind, "final_step": step, "train_first": first, "train_last": last,
              "eval": final_eval, "alarms": monitor.alarms}
+  if validation:
+    validation.best.close()
+    best_step, best_rsum = validation.best.best()
+    summary["best"] = {"step": best_step, "val/rsum": best_rsum}
+    logging.info("[%s] best validation RSUM %.2f at step %d", name, best_rsum, best_step)
   if kind == "pretrain":
     summary["chance"] = {
         "mlm_accuracy": 1.0 / (ids.random_token_range[1] - ids.random_token_range[0]),
@@ -478,14 +548,14 @@ def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -
                           params)
   start = starting_params(name, stage, workdir, model_cfg, abstract, params)
   if start is None:
-    logging.warning("[%s] no init.from_stage, init.checkpoint or init.bert: scoring with random "
-                    "weights", name)
+    logging.warning("[%s] init.from_scratch=True: scoring with random weights", name)
   else:
     params = start  # already placed with the fresh parameters' shardings
   ecfg = stage.eval
   split = eval_lib.load_split(data_dir, stage.data.eval_split, max_text_len=model_cfg.max_text_len,
                               max_regions=model_cfg.max_regions, pad_id=ids.pad_id,
-                              sep_id=ids.sep_id, max_images=ecfg.max_images or None)
+                              sep_id=ids.sep_id, max_images=ecfg.max_images or None,
+                              captions_per_image=ecfg.captions_per_image)
   logging.info("[%s] %d images x %d captions = %s pairs", name, split.num_images,
                split.num_captions, f"{split.num_images * split.num_captions:,}")
   started = time.time()
@@ -494,6 +564,7 @@ def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -
                               chunk_images=ecfg.chunk_images, progress=ecfg.progress)
   metrics, by_protocol = eval_lib.all_protocol_metrics(scores, split.caption_image,
                                                        split.source_order, ecfg.protocol)
+  nonfinite = eval_lib.count_nonfinite(scores, f"[{name}]")
   seconds = time.time() - started
   spread = eval_lib.score_spread(scores)
   if spread["scores_near_constant"]:
@@ -502,10 +573,13 @@ def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -
                     spread["score_std"], f"{scores.size:,}")
   extra = {"protocol": ecfg.protocol, "split": stage.data.eval_split,
            "images": split.num_images, "captions": split.num_captions,
-           "checkpoint": source, "seconds": round(seconds, 2), **spread}
+           "captions_per_image": ecfg.captions_per_image, "nonfinite_scores": nonfinite,
+           "checkpoint": source, "checkpoint_step": ckpt_lib.step_of(source) if source else None,
+           "seconds": round(seconds, 2), **spread}
   eval_lib.write_results(out_dir, scores, split, metrics, extra)
-  writer = metrics_lib.Writer(out_dir, os.path.join(workdir, "metrics.jsonl"), name)
-  writer.scalars(0, {f"retrieval/{k}": v for k, v in metrics.items()})
+  writer = metrics_lib.Writer(workdir, name)
+  writer.scalars(0, {f"retrieval/{k}": v for k, v in
+                     dict(metrics, nonfinite_scores=nonfinite).items()})
   writer.close()
   if jax.process_index() == 0:
     print(f"[{name}] {ecfg.protocol} retrieval on {stage.data.eval_split} "

@@ -162,6 +162,25 @@ def _validate_data(config, stage, where: str, kind: str, model: ModelConfig) -> 
                         "(build it with --class_probs_dim)")
 
 
+def _validate_init(config, stage, where: str, kind: str) -> None:
+  """Fine-tuning and evaluation need starting weights, or an explicit init.from_scratch."""
+  init = stage.init
+  if init.select not in ("best", "last"):
+    raise ConfigError(f"{where}.init.select={init.select!r}: want 'best' or 'last'")
+  sources = [k for k in ("checkpoint", "from_stage", "bert") if init[k]]
+  if init.from_scratch and sources:
+    raise ConfigError(f"{where}.init.from_scratch=True but init.{sources[0]}="
+                      f"{init[sources[0]]!r} is set: choose one")
+  if kind != "pretrain" and not sources and not init.from_scratch:
+    hint = ""
+    if "pretrained" in config and not config.pretrained:
+      hint = (" (config.pretrained is empty: give the pretraining checkpoints with "
+              "--config.pretrained=<folder>)")
+    raise ConfigError(f"{where}.init: no starting weights{hint}; init.checkpoint, "
+                      "init.from_stage and init.bert are all empty. Set init.from_scratch=True "
+                      "to start from random weights on purpose")
+
+
 def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: ModelConfig,
                     batch_devices: int) -> None:
   stage = config.stages[name]
@@ -180,6 +199,7 @@ def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: 
   _unknown(stage.data, reference.data, f"{where}.data")
   _unknown(stage.data.synthetic, reference.data.synthetic, f"{where}.data.synthetic")
   _unknown(stage.init, reference.init, f"{where}.init")
+  _validate_init(config, stage, where, kind)
   if kind == "evaluate":
     _unknown(stage.eval, reference.eval, f"{where}.eval")
     names = protocol_names(stage.eval.protocol)
@@ -189,6 +209,9 @@ def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: 
     for key in ("tile_images", "tile_captions", "chunk_images"):
       if stage.eval[key] < 1:
         raise ConfigError(f"{where}.eval.{key}={stage.eval[key]}: want a positive number")
+    if stage.eval.captions_per_image < 0:
+      raise ConfigError(f"{where}.eval.captions_per_image={stage.eval.captions_per_image}: want "
+                        "0 (all) or more")
   else:
     _unknown(stage.optim, reference.optim, f"{where}.optim")
     _unknown(stage.train, reference.train, f"{where}.train")
@@ -201,6 +224,10 @@ def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: 
                 "keep_checkpoints", "max_nonfinite_in_a_row"):
       if t[key] < 1:
         raise ConfigError(f"{where}.train.{key}={t[key]}: want a positive number")
+    if t.profile_steps < 0 or t.profile_first_step < 1:
+      raise ConfigError(f"{where}.train.profile_steps={t.profile_steps}, profile_first_step="
+                        f"{t.profile_first_step}: want profile_steps >= 0 and "
+                        "profile_first_step >= 1")
     micro = t.batch_size // t.grad_accum_steps
     if t.batch_size % t.grad_accum_steps:
       raise ConfigError(f"{where}.train.batch_size={t.batch_size} is not divisible by "
@@ -213,6 +240,14 @@ def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: 
                         f"{jax.process_count()} processes")
     if stage.optim.learning_rate <= 0:
       raise ConfigError(f"{where}.optim.learning_rate={stage.optim.learning_rate}: want > 0")
+    if kind == "finetune":
+      _unknown(stage.val, reference.val, f"{where}.val")
+      for key in ("tile_images", "tile_captions"):
+        if stage.val[key] < 1:
+          raise ConfigError(f"{where}.val.{key}={stage.val[key]}: want a positive number")
+      for key in ("max_images", "captions_per_image"):
+        if stage.val[key] < 0:
+          raise ConfigError(f"{where}.val.{key}={stage.val[key]}: want 0 (all) or more")
 
   # Data.
   syn = stage.data.synthetic

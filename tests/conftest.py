@@ -1,11 +1,17 @@
-"""Test set-up: 8 simulated CPU devices (set before JAX starts), float32, no network."""
+"""Test set-up: 8 simulated CPU devices (set before JAX starts), float32, no network.
+
+JAX runs on the CPU unless JAX_PLATFORMS is set already: on a GPU machine, JAX_PLATFORMS=cuda
+runs the tests marked `gpu` there (benchmarks/gpu_session.sh does so). Those are skipped when
+JAX sees no GPU, and fail instead when IMAGEBERT_EXPECT_GPU=1 says there should be one.
+"""
 
 import os
 import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_PLATFORMS" not in os.environ:
+  os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -22,3 +28,18 @@ def synthetic_dir(tmp_path_factory):
   synthetic.build(out, {"train": 120, "test": 30}, synthetic.SyntheticSpec(seed=3),
                   max_text_len=16)
   return out
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+  """Tests marked `gpu` need JAX to see a GPU: skipped without one, failed (not an error of
+  set-up: a failure of the test) when IMAGEBERT_EXPECT_GPU=1."""
+  if item.get_closest_marker("gpu") is None:
+    return
+  import jax
+  if jax.default_backend() != "gpu":
+    why = (f"no GPU visible to JAX (backend {jax.default_backend()!r}, "
+           f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')!r})")
+    if os.environ.get("IMAGEBERT_EXPECT_GPU") == "1":
+      pytest.fail(f"{why}, but IMAGEBERT_EXPECT_GPU=1 expects one", pytrace=False)
+    pytest.skip(why)

@@ -1,8 +1,11 @@
 """The benchmark's FLOP count and table, and the TensorFlow-free import of the model side."""
 
+import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from imagebert_jax import bench
 from imagebert_jax.model import ModelConfig
@@ -24,11 +27,14 @@ def test_flops_match_the_reference_formula():
   assert 75e9 < got["train"] < 80e9
 
 
-def test_bench_runs_on_cpu_and_prints_a_table():
+@pytest.mark.subprocess
+def test_bench_runs_on_cpu_and_prints_a_table(tmp_path):
+  results = tmp_path / "results.jsonl"
+  results.write_text(json.dumps({"label": "tests", "status": "failed", "seconds": 3}) + "\n")
   out = subprocess.run(
       [sys.executable, "-m", "imagebert_jax.bench", "--config", "configs/demo.py",
        "--batch_size", "16", "--steps", "2", "--warmup", "1", "--vocab_size", "64",
-       "--score_tile", "4x8"],
+       "--score_tile", "4x8", "--results", str(results), "--label", "demo"],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
       env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-2000:]
@@ -43,11 +49,24 @@ def test_bench_runs_on_cpu_and_prints_a_table():
   assert float(rows["score"]["pairs_per_s"].replace(",", "")) > 0
   assert rows["score"]["batch"] == "32"  # the 4 x 8 tile
   assert int(rows["train"]["params"].replace(",", "")) > 50_000
+  # The rows went to --results too; --summary makes one table of them and of status rows.
+  saved = [json.loads(line) for line in results.read_text().splitlines()]
+  assert [(r["label"], r.get("mode")) for r in saved] == [("tests", None), ("demo", "train"),
+                                                         ("demo", "score")]
+  status = {"label": "demo", "status": "ok", "seconds": 20}
+  table = bench.summary_table(saved + [status]).splitlines()
+  assert table[0].split()[:3] == ["label", "status", "mode"]
+  assert table[2].split()[:2] == ["tests", "failed"]
+  assert table[3].split()[:3] == ["demo", "ok", "train"]
+  assert table[4].split()[:3] == ["demo", "ok", "score"]
+  assert f"{saved[1]['samples_per_s']:,.0f}" in table[3]
 
 
+@pytest.mark.subprocess
 def test_model_side_imports_without_tensorflow():
   code = ("import sys; import imagebert_jax.model, imagebert_jax.objectives.pretraining, "
-          "imagebert_jax.parallel, imagebert_jax.state, imagebert_jax.bench; "
+          "imagebert_jax.parallel, imagebert_jax.state, imagebert_jax.bench, "
+          "imagebert_jax.metrics; "
           "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)

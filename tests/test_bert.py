@@ -16,6 +16,7 @@ from imagebert_jax.data.tokenizer import Tokenizer
 from imagebert_jax.model import ImageBert, ModelConfig
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "minilm_reference.npz")
+TINY_BERT = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_bert_mlm")
 
 
 def minilm_dir() -> str:
@@ -129,3 +130,35 @@ def test_a_stage_starts_from_bert(tmp_path):
                              want["embeddings.word_embeddings.weight"], atol=1e-12)
   np.testing.assert_allclose(saved["encoder"]["layers"]["5"]["mlp_out"]["bias"],
                              want["encoder.layer.5.output.dense.bias"], atol=1e-12)
+
+
+TINY_MLM = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64,
+                       max_text_len=16, max_regions=2, region_feature_dim=8,
+                       num_object_classes=4, max_position_embeddings=40, dropout_rate=0.0,
+                       attention_dropout_rate=0.0)
+MLM_HEAD = ("mlm_transform/dense/kernel", "mlm_transform/dense/bias", "mlm_transform/norm/scale",
+            "mlm_transform/norm/bias", "mlm_bias")
+
+
+def test_the_mlm_head_of_a_bert_checkpoint_that_has_one():
+  """A tiny BertForPreTraining (tools/make_bert_fixture.py): its MLM head is loaded, and the
+  masked-token logits match the ones transformers computed."""
+  model = ImageBert(TINY_MLM, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  fresh = checkpoint.flatten_paths(nnx.to_pure_dict(state))
+  arrays, left = bert.initial_params(TINY_BERT, TINY_MLM, fresh)
+  filled = {"/".join(k) for k in arrays}
+  for name in MLM_HEAD:
+    assert name in filled and name not in left, name
+  assert "moc/kernel" in left and "itm/kernel" in left
+  model = nnx.merge(graphdef, checkpoint.nest_like({**fresh, **arrays}, nnx.to_pure_dict(state)))
+  ref = np.load(os.path.join(TINY_BERT, "reference.npz"))
+  ids, mask = ref["input_ids"], ref["attention_mask"].astype(bool)
+  b, t = ids.shape
+  ids_p = np.pad(ids, ((0, 0), (0, TINY_MLM.max_text_len - t)))
+  text_h, _ = model.encode(jnp.asarray(ids_p), jnp.asarray(ids_p != 0), jnp.zeros((b, 2, 8)),
+                           jnp.zeros((b, 2, 5)), jnp.zeros((b, 2), bool))
+  got = np.asarray(model.mlm_logits(text_h))[:, :t]
+  want = ref["prediction_logits"]
+  assert np.abs(want).max() > 0.5  # logits of some size, so the comparison means something
+  assert np.abs(got - want)[mask].max() < 1e-4

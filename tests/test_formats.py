@@ -213,3 +213,162 @@ def test_sharded_build_equals_one_shard_and_is_deterministic(tmp_path, vocab):
   assert info["splits"]["train"] == one["splits"]["train"] == {"records": 20, "pairs": 20}
   examples = read_all(sharded)
   assert sorted(e["image_id"].decode() for e in examples) == sorted(str(i) for i in range(20))
+
+
+def _d2_with(image_id, rng, index, value):
+  """A detectron2 line with field `index` replaced."""
+  fields = d2_line(image_id, 4, rng).split("\t")
+  fields[index] = value
+  return "\t".join(fields)
+
+
+def test_detectron2_tsv_with_every_kind_of_bad_input(tmp_path, vocab, caplog):
+  rng = np.random.default_rng(5)
+  lines = [
+      d2_line("1", 4, rng),                                          # line 1: good
+      _d2_with("2", rng, 3, "@@not base64@@"),                       # line 2: objects_id
+      _d2_with("3", rng, 4, b64(np.ones(3), np.float32)),            # line 3: 3 confidences
+      _d2_with("4", rng, 7, "four"),                                 # line 4: num_boxes
+      "\t".join(d2_line("5", 4, rng).split("\t")[:9]),               # line 5: 9 fields
+      _d2_with("6", rng, 9, b64(np.full((4, D), np.nan), np.float32)),  # line 6: NaN features
+      d2_line("7", 4, rng, dim=D + 2),                               # line 7: feature dimension
+      _d2_with("8", rng, 8, b64(np.ones(12), np.float32)),           # line 8: boxes of 3 values
+  ]
+  truncated = d2_line("9", 4, rng)[:-30]                              # line 9: cut off
+  path = tmp_path / "d2.tsv"
+  path.write_text("\n".join(lines) + "\n" + truncated)
+  caps = tmp_path / "caps.jsonl"
+  jsonl(caps, [{"image_id": str(i), "caption": "a dog"} for i in range(1, 10)])
+  with caplog.at_level("WARNING"):
+    info = build_lib.build_dataset(spec(tmp_path, vocab, [str(path)], [str(caps)]))
+  assert info["options"]["has_object_labels"] is True
+  assert info["skipped"] == {"bad_base64": 1, "num_boxes_mismatch": 2, "bad_number": 1,
+                             "bad_field_count": 1, "non_finite": 1, "feature_dim": 1,
+                             "truncated_file": 1, "captions_without_image": 8}
+  for needle in ("d2.tsv line 2 (image 2): objects_id is not valid base64",
+                 "d2.tsv line 3 (image 3): objects_conf holds 3 values, num_boxes is 4",
+                 "d2.tsv line 4 (image 4): num_boxes, width or height is not a number",
+                 "d2.tsv line 5: 9 tab-separated fields, want 6",
+                 "d2.tsv line 6 (image 6): features contain NaN or infinity",
+                 "d2.tsv line 7 (image 7): feature dimension 10, want 8",
+                 "d2.tsv line 8 (image 8): boxes hold 12 values, which do not make num_boxes=4 "
+                 "rows of 4",
+                 "d2.tsv line 9: the file ends inside this record"):
+    assert needle in caplog.text, needle
+  assert [e["image_id"] for e in read_all(str(tmp_path / "out"))] == [b"1"]
+
+
+def test_uniter_npz_with_every_kind_of_bad_input(tmp_path, vocab, caplog):
+  rng = np.random.default_rng(6)
+  folder = tmp_path / "npz"
+  folder.mkdir()
+
+  def save(name, n=4, dim=D, **override):
+    soft = rng.dirichlet(np.ones(5), size=n)
+    arrays = dict(features=rng.normal(size=(n, dim)), norm_bb=rng.uniform(0, 1, (n, 7)),
+                  conf=soft[:, 1:].max(1), soft_labels=soft)
+    arrays.update(override)
+    np.savez(folder / f"{name}.npz", **{k: v for k, v in arrays.items() if v is not None})
+
+  save("a")                                                     # good
+  save("b", norm_bb=None)                                       # no norm_bb
+  save("c", features=np.zeros((0, D)), norm_bb=np.zeros((0, 7)))  # no boxes
+  save("d", norm_bb=rng.uniform(0, 1, (3, 7)))                  # 3 boxes for 4 features
+  save("e", soft_labels=rng.dirichlet(np.ones(5), size=2))      # 2 label rows for 4 boxes
+  save("f", features=np.full((4, D), np.inf))                   # infinite features
+  save("g", dim=D + 1)                                          # feature dimension
+  (folder / "h.npz").write_bytes(b"PK not really a zip")        # unreadable
+  caps = tmp_path / "caps.jsonl"
+  jsonl(caps, [{"image_id": x, "caption": "a cat"} for x in "abcdefgh"])
+  with caplog.at_level("WARNING"):
+    info = build_lib.build_dataset(spec(tmp_path, vocab, [str(folder)], [str(caps)]))
+  assert info["skipped"] == {"missing_field": 1, "no_boxes": 1, "num_boxes_mismatch": 2,
+                             "non_finite": 1, "feature_dim": 1, "unreadable_file": 1,
+                             "captions_without_image": 7}
+  for needle in ("b.npz (image b): no norm_bb in the file",
+                 "c.npz (image c): features have shape (0, 8)",
+                 "d.npz (image d): norm_bb has shape (3, 7) for 4 feature rows",
+                 "e.npz (image e): soft_labels have shape (2, 5) for 4 boxes",
+                 "f.npz (image f): features contain NaN or infinity",
+                 "g.npz (image g): feature dimension 9, want 8",
+                 "h.npz (image h): cannot read"):
+    assert needle in caplog.text, needle
+  assert [e["image_id"] for e in read_all(str(tmp_path / "out"))] == [b"a"]
+
+
+@pytest.fixture()
+def two_images(tmp_path):
+  """A region file of the images '0', '1' and '4385058960'."""
+  rng = np.random.default_rng(7)
+  path = tmp_path / "r.ibrf"
+  with RegionFileWriter(str(path)) as w:
+    for image_id in ("0", "1", "4385058960"):
+      w.write(RegionRecord(image_id=image_id, image_w=10, image_h=10, boxes=boxes(rng, 3),
+                           features=rng.normal(size=(3, D)).astype(np.float16),
+                           object_id=np.zeros(3, np.int32), object_conf=np.ones(3, np.float32)))
+  return str(path)
+
+
+def _report(tmp_path, vocab, regions, captions, source, caplog, name):
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    info = build_lib.build_dataset(spec(tmp_path, vocab, [regions], captions, source, name=name,
+                                        out_dir=str(tmp_path / name)))
+  return info, caplog.text
+
+
+def test_every_caption_source_reports_its_bad_entries(tmp_path, vocab, two_images, caplog):
+  # Karpathy: an image without cocoid or filename, an empty sentence.
+  k = tmp_path / "dataset_flickr30k.json"
+  k.write_text(json.dumps({"images": [
+      {"filename": "0.jpg", "split": "test", "sentences": [{"raw": "a dog"}, {"raw": "  "}]},
+      {"split": "test", "sentences": [{"raw": "a cat"}]},
+      {"filename": "1.jpg", "split": "test", "sentences": [{"tokens": ["red", "cat"]}]}]}))
+  info, text = _report(tmp_path, vocab, two_images, [str(k)], "karpathy", caplog, "k")
+  assert info["splits"]["test"] == {"records": 2, "pairs": 2}
+  assert info["skipped"] == {"bad_caption_entry": 1, "empty_caption": 1,
+                             "image_without_captions": 1}
+  assert "dataset_flickr30k.json image 1: neither cocoid nor filename" in text
+  assert "dataset_flickr30k.json image 0 sentence 1: empty caption" in text
+  # A file that is not Karpathy's: the build stops with one line naming it.
+  bad = tmp_path / "not_karpathy.json"
+  bad.write_text("{\"annotations\": []}")
+  with pytest.raises(ValueError, match=r"not_karpathy.json: no 'images' list"):
+    build_lib.build_dataset(spec(tmp_path, vocab, [two_images], [str(bad)], "karpathy"))
+  bad.write_text("{\"images\": [")
+  with pytest.raises(ValueError, match=r"not_karpathy.json: not valid JSON"):
+    build_lib.build_dataset(spec(tmp_path, vocab, [two_images], [str(bad)], "karpathy"))
+
+  # Conceptual Captions: an empty caption (its line number is still image 1's id).
+  cc = tmp_path / "Train_GCC-training.tsv"
+  cc.write_text("a dog\thttp://x/0.jpg\n \thttp://x/1.jpg\n")
+  info, text = _report(tmp_path, vocab, two_images, [str(cc)], "cc", caplog, "cc")
+  assert info["skipped"] == {"empty_caption": 1, "image_without_captions": 2}
+  assert "Train_GCC-training.tsv line 2: empty caption" in text
+
+  # SBU: a URL without a photo id, an empty caption, and a captions file longer than the URLs.
+  caps = tmp_path / "sbu_captions.txt"
+  urls = tmp_path / "sbu_urls.txt"
+  caps.write_text("a red dog\na cat\n\nthe dog\none more\nand another\n")
+  urls.write_text("http://static.flickr.com/2723/4385058960_b0f291553e.jpg\n"
+                  "http://example.com/no-id.jpg\nhttp://static.flickr.com/1/1_a.jpg\n"
+                  "http://static.flickr.com/1/0_b.jpg\n")
+  info, text = _report(tmp_path, vocab, two_images, [str(caps), str(urls)], "sbu", caplog, "sbu")
+  assert info["splits"]["train"]["records"] == 2
+  assert info["skipped"] == {"bad_caption_entry": 1, "empty_caption": 1,
+                             "line_count_mismatch": 2, "image_without_captions": 1}
+  assert "sbu_urls.txt line 2: no Flickr photo id in 'http://example.com/no-id.jpg'" in text
+  assert "sbu_captions.txt line 3: empty caption" in text
+  assert "sbu_captions.txt lines 5-6: " in text and "sbu_urls.txt has only 4 lines" in text
+
+  # JSON lines: not JSON, a missing field, an empty caption.
+  j = tmp_path / "pairs.jsonl"
+  j.write_text('{"image_id": "0", "caption": "a dog"}\nnot json\n{"image_id": "1"}\n'
+               '{"image_id": "1", "caption": ""}\n{"image_id": "1", "caption": "a cat"}\n')
+  info, text = _report(tmp_path, vocab, two_images, [str(j)], "jsonl", caplog, "j")
+  assert info["splits"]["train"] == {"records": 2, "pairs": 2}
+  assert info["skipped"] == {"bad_caption_entry": 2, "empty_caption": 1,
+                             "image_without_captions": 1}
+  assert "pairs.jsonl line 2: not a JSON object with image_id and caption" in text
+  assert "pairs.jsonl line 3: not a JSON object with image_id and caption" in text
+  assert "pairs.jsonl line 4: empty caption" in text

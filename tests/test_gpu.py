@@ -1,8 +1,12 @@
-"""Checks that need a GPU (skipped elsewhere): cuDNN fused attention against the XLA path."""
+"""Checks that need a GPU: cuDNN fused attention against the XLA path. Marked `gpu`: skipped
+without a GPU, failed without one when IMAGEBERT_EXPECT_GPU=1 (tests/conftest.py); and the test
+of that gating itself, which runs anywhere."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ from flax import nnx
 from helpers import PAD, random_batch
 from imagebert_jax.model import ImageBert, ModelConfig
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CFG = ModelConfig(vocab_size=512, hidden_size=256, num_layers=2, num_heads=4, mlp_dim=1024,
                   max_text_len=44, max_regions=100, region_feature_dim=64, num_object_classes=16,
@@ -26,6 +30,7 @@ def _encode(impl, batch):
                       jnp.asarray(region_mask))
 
 
+@pytest.mark.gpu
 def test_cudnn_attention_matches_xla():
   rng = np.random.default_rng(0)
   batch = random_batch(rng, 8, CFG)
@@ -37,3 +42,24 @@ def test_cudnn_attention_matches_xla():
     for got, want in ((t_c[i, :n_t], t_x[i, :n_t]), (r_c[i, :n_r], r_x[i, :n_r])):
       got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
       assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
+
+
+@pytest.mark.subprocess
+def test_gpu_tests_skip_without_a_gpu_and_fail_when_one_is_expected():
+  def run(expect):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_PLATFORMS", "IMAGEBERT_EXPECT_GPU", "XLA_FLAGS")}
+    env["JAX_PLATFORMS"] = "cpu"  # what a machine without a GPU has
+    if expect:
+      env["IMAGEBERT_EXPECT_GPU"] = "1"
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-m", "gpu", "tests/test_gpu.py"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+  skipped = run(expect=False)
+  assert skipped.returncode == 0, skipped.stdout[-2000:]
+  assert "1 skipped" in skipped.stdout and "failed" not in skipped.stdout
+  failed = run(expect=True)
+  assert failed.returncode == 1, failed.stdout[-2000:]
+  assert "1 failed" in failed.stdout
+  assert "no GPU visible to JAX (backend 'cpu', JAX_PLATFORMS='cpu'), but " \
+         "IMAGEBERT_EXPECT_GPU=1 expects one" in failed.stdout

@@ -185,3 +185,31 @@ def test_config_errors_name_the_key():
   bad = TINY.__class__(**{**TINY.__dict__, "num_heads": 5})
   with pytest.raises(ValueError, match="config.model.num_heads=5"):
     ImageBert(bad, rngs=nnx.Rngs(0))
+
+
+def test_pretraining_heads_compute_in_float32_under_bfloat16():
+  """The MLM, MOC and MRFR projections take float32 operands, accumulate and return float32
+  even when the model computes in bfloat16 (bfloat16 logits would be off by ~1e-2 relative)."""
+  import dataclasses
+  cfg = dataclasses.replace(TINY, dtype="bfloat16")
+  model = ImageBert(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  for name in ("mlm_bias",):
+    getattr(model, name)[...] = jnp.asarray(rng.normal(size=getattr(model, name).shape),
+                                            jnp.float32)
+  for dense in (model.moc, model.mrfr):
+    dense.bias[...] = jnp.asarray(rng.normal(size=dense.bias.shape), jnp.float32)
+  h = jnp.asarray(rng.normal(size=(3, 5, cfg.hidden_size)), jnp.bfloat16)
+  p = _params(model)
+  cases = (
+      (model.mlm_logits, model.mlm_transform, p["word"]["embedding"].T, p["mlm_bias"]),
+      (model.moc_logits, model.moc_transform, p["moc"]["kernel"], p["moc"]["bias"]),
+      (model.mrfr_prediction, model.mrfr_transform, p["mrfr"]["kernel"], p["mrfr"]["bias"]),
+  )
+  for head, transform, kernel, bias in cases:
+    t = transform(h)
+    assert t.dtype == jnp.float32
+    got = head(h)
+    assert got.dtype == jnp.float32
+    want = np.asarray(t, np.float64) @ kernel.astype(np.float64) + bias
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

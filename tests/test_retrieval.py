@@ -1,5 +1,6 @@
 """Retrieval: the fine-tuning losses and mining, Recall@K, and all-pairs scoring with resume."""
 
+import json
 import os
 
 import jax
@@ -79,6 +80,78 @@ def test_coco1k_is_the_mean_of_five_folds_in_source_order():
     assert both[k] == whole[k]
     assert both[f"coco1k/{k}"] == pytest.approx(np.mean([f[k] for f in folds]))
   assert both["coco1k/i2t_R@1"] > both["i2t_R@1"]  # 1K among fewer candidates: easier
+
+
+def test_first1k_is_the_first_thousand_images_in_source_order():
+  rng = np.random.default_rng(6)
+  n = 1200
+  owner = np.repeat(np.arange(n), 2)
+  s = rng.normal(size=(n, 2 * n)).astype(np.float32)
+  s[owner, np.arange(2 * n)] += 3.0
+  order = rng.permutation(n)
+  got = evaluate.protocol_metrics(s, owner, order, "first1k")
+  imgs = order[:1000]
+  caps = np.concatenate([np.nonzero(owner == i)[0] for i in imgs])
+  want = evaluate.recall(s[np.ix_(imgs, caps)], np.repeat(np.arange(1000), 2))
+  assert got == pytest.approx(want)
+  assert got != pytest.approx(evaluate.recall(s[:1000, :2000], owner[:2000]))  # not the first rows
+  with pytest.raises(ValueError, match="needs 1000 images"):
+    evaluate.protocol_metrics(s[:999], owner[:1998], order[order < 999], "first1k")
+
+
+def test_fold_order_and_caption_count_come_from_the_built_dataset(tmp_path, monkeypatch):
+  """A Karpathy file whose order differs from the region file's: the dataset built from them and
+  loaded for evaluation puts the 1K folds in the caption file's order; images with more than
+  five captions keep their first five (captions_per_image=5)."""
+  from imagebert_jax.data import build as build_lib
+  from imagebert_jax.data.regionfile import RegionFileWriter, RegionRecord
+  from imagebert_jax.data.tokenizer import Tokenizer, special_ids, write_vocab
+  rng = np.random.default_rng(7)
+  words = ["a", "dog", "cat", "red", "on", "grass", "photo", "of", "the", "big"]
+  vocab = str(tmp_path / "vocab.txt")
+  write_vocab(vocab, words)
+  n = 10
+  json_order = [f"im{i}" for i in rng.permutation(n)]   # the caption file's order
+  region_order = [f"im{i}" for i in rng.permutation(n)]  # the region file's order
+  sentences = {im: [" ".join(rng.choice(words, 4)) for _ in range(7 if k == 3 else 5)]
+               for k, im in enumerate(json_order)}
+  with RegionFileWriter(str(tmp_path / "r.ibrf")) as w:
+    for im in region_order:
+      w.write(RegionRecord(image_id=im, image_w=10, image_h=10,
+                           boxes=np.tile([[1.0, 1.0, 5.0, 5.0]], (2, 1)).astype(np.float32),
+                           features=rng.normal(size=(2, 4)).astype(np.float16),
+                           object_id=np.zeros(2, np.int32), object_conf=np.ones(2, np.float32)))
+  (tmp_path / "karpathy.json").write_text(json.dumps({"images": [
+      {"filename": f"{im}.jpg", "split": "test", "sentences": [{"raw": t} for t in sentences[im]]}
+      for im in json_order]}))
+  build_lib.build_dataset(build_lib.BuildSpec(
+      name="k", out_dir=str(tmp_path / "data"), regions=[str(tmp_path / "r.ibrf")],
+      captions=[str(tmp_path / "karpathy.json")], caption_source="karpathy", vocab_file=vocab,
+      max_text_len=8, feature_dim=4, min_boxes=1, max_boxes=2, log_every=0))
+  ids = special_ids(vocab)
+  kw = dict(max_text_len=8, max_regions=2, pad_id=ids.pad_id, sep_id=ids.sep_id)
+  split = evaluate.load_split(str(tmp_path / "data"), "test", captions_per_image=5, **kw)
+  assert split.image_ids == region_order  # stored in the order the regions came
+  assert [split.image_ids[i] for i in split.source_order] == json_order
+  tok = Tokenizer(vocab, max_len=8)
+  for i, im in enumerate(split.image_ids):
+    got = split.text_ids[split.caption_image == i]
+    assert len(got) == 5
+    for row, sentence in zip(got, sentences[im][:5]):
+      want = tok.encode(sentence)
+      np.testing.assert_array_equal(row[:len(want)], want)
+  assert evaluate.load_split(str(tmp_path / "data"), "test", **kw).num_captions == 52
+  # Folds of two images: COCO 1K's five folds are the caption file's images 0-1, 2-3, ...
+  monkeypatch.setattr(evaluate, "FOLD_IMAGES", 2)
+  scores = rng.normal(size=(n, split.num_captions))
+  got = evaluate.protocol_metrics(scores, split.caption_image, split.source_order, "coco1k")
+  folds = []
+  for f in range(5):
+    imgs = [split.image_ids.index(im) for im in json_order[2 * f:2 * f + 2]]
+    caps = np.concatenate([np.nonzero(split.caption_image == i)[0] for i in imgs])
+    folds.append(evaluate.recall(scores[np.ix_(imgs, caps)], np.repeat([0, 1], 5)))
+  for k in got:
+    assert got[k] == pytest.approx(np.mean([m[k] for m in folds]))
 
 
 # ---- Fine-tuning losses ----------------------------------------------------------------------
@@ -192,7 +265,6 @@ def test_write_results_files(tmp_path):
   assert not (tmp_path / "chunks").exists()  # the finished evaluation leaves no partial state
   np.testing.assert_array_equal(np.load(tmp_path / "scores.npy"), scores)
   np.testing.assert_array_equal(np.load(tmp_path / "caption_image.npy"), split.caption_image)
-  import json
   saved = json.loads((tmp_path / "metrics.json").read_text())
   assert saved["i2t_R@1"] == m["i2t_R@1"] and saved["protocol"] == "full"
 
@@ -206,6 +278,41 @@ def test_ties_count_against_the_model():
   assert evaluate.recall(s, owner)["rsum"] == 600.0
 
 
+def test_nonfinite_scores_rank_last():
+  nan, inf = np.nan, np.inf
+  s = np.array([[0.9, nan, 0.8, inf, 0.3, 0.0],
+                [0.5, 0.4, nan, nan, 0.2, -inf],
+                [inf, 0.6, 0.9, 0.8, nan, 0.5]])
+  owner = np.array([0, 0, 1, 1, 2, 2])
+  i2t, t2i = evaluate.ranks(s, owner)
+  # image 0: its best is 0.9; the +inf of caption 3 ranks last, so nothing passes it -> 0.
+  # image 1: both its captions are NaN, so all 4 wrong ones (even the -inf) tie or pass -> 4.
+  # image 2: caption 4 is NaN, caption 5 is 0.5; 0.6, 0.9 and 0.8 pass it, the +inf does not.
+  np.testing.assert_array_equal(i2t, [0, 4, 3])
+  # caption 0: 0.9 vs 0.5 and +inf -> 0; captions 1-4 are NaN for their own image, so both other
+  # images (whatever they score, -inf and +inf included) tie or pass -> 2; caption 5: 0.5 vs 0.0
+  # and -inf -> 0.
+  np.testing.assert_array_equal(t2i, [0, 2, 2, 2, 2, 0])
+  assert evaluate.count_nonfinite(s) == 7
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_nonfinite_score_matrix_retrieves_nothing(bad, caplog):
+  owner = np.repeat(np.arange(20), 5)
+  s = np.full((20, 100), bad)
+  assert evaluate.recall(s, owner)["rsum"] == 0.0
+  # One right pair finite, the rest of the matrix bad: that image and caption are found.
+  s[3, 15] = 0.5
+  m = evaluate.recall(s, owner)
+  assert m["i2t_R@1"] == 100 / 20 and m["t2i_R@1"] == 100 / 100
+  with caplog.at_level("WARNING"):
+    assert evaluate.count_nonfinite(s, "[test]") == 20 * 100 - 1
+  assert "[test]: 1,999 of 2,000 scores are not finite" in caplog.text
+  caplog.clear()
+  assert evaluate.count_nonfinite(np.zeros((3, 3))) == 0
+  assert not caplog.records
+
+
 def test_chunks_of_another_evaluation_are_not_reused(tmp_path):
   rng = np.random.default_rng(5)
   split = _split(rng)
@@ -217,5 +324,6 @@ def test_chunks_of_another_evaluation_are_not_reused(tmp_path):
   _, other = state_lib.create_params(TINY, mesh, RULES, seed=1)
   second = evaluate.score_all(other, split, graphdef, mesh, RULES, str(tmp_path), **kw)
   assert not np.allclose(first, second)
-  third = evaluate.score_all(other, split, graphdef, mesh, RULES, str(tmp_path), **kw)
-  np.testing.assert_array_equal(second, third)
+  # They are what a fresh scoring of those parameters, in an empty folder, gives.
+  fresh = evaluate.score_all(other, split, graphdef, mesh, RULES, str(tmp_path / "fresh"), **kw)
+  np.testing.assert_array_equal(second, fresh)

@@ -23,14 +23,27 @@ def load_config(name, arg=None):
   return module.get_config(arg)
 
 
+def smoke_config():
+  """demo.py:smoke, with a profile of two pretraining steps and retrieval validation on 10 test
+  images every 3 fine-tuning steps."""
+  config = load_config("demo", "smoke")
+  config.unlock()
+  config.stages.pretrain.train.update(dict(profile_steps=2, profile_first_step=4))
+  config.stages.finetune.train.eval_every = 3
+  config.stages.finetune.val.max_images = 10
+  config.lock()
+  return config
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("demo"))
-  config = load_config("demo", "smoke")
+  config = smoke_config()
   results = train.train_and_evaluate(config, workdir)
   return config, workdir, results
 
 
+@pytest.mark.slow
 def test_demo_writes_metrics_checkpoints_and_events(smoke_run):
   config, workdir, results = smoke_run
   rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
@@ -57,9 +70,41 @@ def test_demo_writes_metrics_checkpoints_and_events(smoke_run):
     with open(os.path.join(out, "metrics.json")) as f:
       m = json.load(f)
     assert set(m) >= {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"}
-  assert results["finetuned"]["checkpoint"].endswith(os.path.join("finetune", "checkpoints"))
+    assert m["nonfinite_scores"] == 0
   assert not np.allclose(np.load(os.path.join(workdir, "zero_shot", "scores.npy")),
                          np.load(os.path.join(workdir, "finetuned", "scores.npy")))
+  # A profile of two steps, where TensorBoard's profile plugin looks.
+  assert glob.glob(os.path.join(workdir, "pretrain", "plugins", "profile", "*", "*.xplane.pb"))
+
+
+def test_finetuning_validates_and_the_evaluation_scores_the_best(smoke_run):
+  config, workdir, results = smoke_run
+  rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  val = [r for r in rows if r["stage"] == "finetune" and "val/rsum" in r]
+  assert [r["step"] for r in val] == [3, 6]
+  for r in val:
+    recalls = [r[f"{d}_R@{k}"] for d in ("val/i2t", "val/t2i") for k in (1, 5, 10)]
+    assert all(0.0 <= x <= 100.0 for x in recalls)
+    assert r["val/rsum"] == pytest.approx(sum(recalls))
+    assert r["val/nonfinite_scores"] == 0.0
+  rsums = [r["val/rsum"] for r in val]
+  best_step = val[rsums.index(max(rsums))]["step"]  # the earliest of equal ones
+  assert results["finetune"]["best"] == {"step": best_step, "val/rsum": max(rsums)}
+  best_dir = os.path.join(workdir, "finetune", "best_checkpoint")
+  assert sorted(os.listdir(best_dir)) == [str(best_step)]
+  # The evaluation after fine-tuning restored that checkpoint (init.select='best', the default).
+  assert results["finetuned"]["checkpoint"] == best_dir
+  assert results["finetuned"]["checkpoint_step"] == best_step
+  # init.select='last': the rolling checkpoint of the last step.
+  last = config.stages.finetuned.copy_and_resolve_references()
+  last.init.select = "last"
+  assert train.init_source(last, workdir) == os.path.join(workdir, "finetune", "checkpoints")
+  assert ckpt_step(train.init_source(last, workdir)) == 6
+
+
+def ckpt_step(path):
+  from imagebert_jax import checkpoint
+  return checkpoint.step_of(path)
 
 
 def test_rerun_resumes_from_latest_checkpoint(smoke_run):
@@ -72,7 +117,7 @@ def test_rerun_resumes_from_latest_checkpoint(smoke_run):
   # Interrupted after the step-6 checkpoint: the rerun continues from step 6.
   shutil.rmtree(os.path.join(workdir, "pretrain", "checkpoints", "12"))
   os.remove(os.path.join(workdir, "pretrain", train.DONE_FILE))
-  config = load_config("demo", "smoke")
+  config = smoke_config()
   config.unlock()
   config.run = "pretrain"
   train.train_and_evaluate(config, workdir)
@@ -92,6 +137,7 @@ def test_unknown_stage_and_kind_are_refused(tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_demo_learns(tmp_path):
   """A shortened demo: the masked losses fall and accuracies beat chance by a wide margin."""
   config = load_config("demo")

@@ -99,7 +99,7 @@ def build_dataset(spec: BuildSpec, *, finalize: bool | None = None) -> dict:
 
   n_captions = index.add_all(
       all_captions(), keep=lambda i: shard_of(i, spec.num_shards) == spec.shard_index,
-      id_mode=spec.image_id_mode, on_problem=lambda p: report.skip(p.reason, p.message))
+      id_mode=spec.image_id_mode, on_problem=lambda p: report.skip(p.reason, p.message, p.count))
   logging.info("%s: indexed %d captions of this shard (splits %s)", spec.name, n_captions,
                sorted(splits))
   if not splits:

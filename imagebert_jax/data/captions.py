@@ -18,6 +18,7 @@ Sources (each yields `Caption`s, or `Problem`s for entries it cannot use):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -87,8 +88,17 @@ _FLICKR_ID = re.compile(r"/(\d+)_[^/]*$")
 
 
 def read_sbu(captions_path: str, urls_path: str, split: str) -> Iterator[Item]:
+  """The two files line by line; lines of the longer one past the end of the other are skipped
+  (one report naming both files and counting them)."""
   with _open(captions_path) as caps, _open(urls_path) as urls:
-    for i, (caption, url) in enumerate(zip(caps, urls)):
+    for i, (caption, url) in enumerate(itertools.zip_longest(caps, urls)):
+      if caption is None or url is None:
+        longer, shorter = (urls_path, captions_path) if caption is None else (captions_path,
+                                                                              urls_path)
+        rest = 1 + sum(1 for _ in (urls if caption is None else caps))
+        yield Problem("line_count_mismatch", f"{longer} lines {i + 1}-{i + rest}: {shorter} "
+                                             f"has only {i} lines; skipped", count=rest)
+        return
       caption, url = caption.strip(), url.strip()
       m = _FLICKR_ID.search(url)
       if not m:

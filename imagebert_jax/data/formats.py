@@ -45,10 +45,12 @@ LABELLED = {"bua_tsv": False, "d2_tsv": True, "uniter_npz": True, "ibrf": True}
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-  """Input that was not used: `reason` is the report's key, `message` one line for the log."""
+  """Input that was not used: `reason` is the report's key, `message` one line for the log,
+  `count` the items it stands for."""
 
   reason: str
   message: str
+  count: int = 1
 
 
 Item = Union[RegionRecord, Problem]

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--warmup", type=int, default=1, help="Untimed calls first (compilation).")
   p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                  help="Override a DetectorConfig field (Python literal value).")
+  p.add_argument("--results", default="", help="Also append the result, as one JSON object "
+                 "with --label, to this JSON-lines file (imagebert_jax.bench --summary).")
+  p.add_argument("--label", default="detector")
   args = p.parse_args(argv)
   overrides = {}
   for item in args.set:
@@ -73,6 +76,12 @@ def main(argv: list[str] | None = None) -> None:
   print(f"warm-up (incl. compile): {result['warmup_s']:.1f} s; timed calls: "
         + ", ".join(f"{t:.2f} s" for t in result["step_s"]))
   print(f"images/s: {result['images_per_s']:.3f} (boxes per image: {result['boxes_per_image']})")
+  if args.results:
+    import json
+    with open(args.results, "a", encoding="utf-8") as f:
+      f.write(json.dumps({"label": args.label, "mode": "detect", "batch": result["batch_size"],
+                          "step_ms": 1000 * sum(result["step_s"]) / len(result["step_s"]),
+                          "images_per_s": result["images_per_s"]}) + "\n")
 
 
 def _depth(cfg: DetectorConfig) -> int:

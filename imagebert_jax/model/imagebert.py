@@ -7,7 +7,7 @@ the concatenation; the pooler (Dense + tanh over [CLS]) feeds the image-text mat
 
 Pretraining heads: masked language modelling (decoder tied to the word embeddings), masked object
 classification and masked region feature regression (each a Dense-GELU-LayerNorm transform and a
-projection).
+projection computed in float32, whatever the compute dtype).
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ TEXT_SEGMENT, REGION_SEGMENT = 0, 1
 
 
 class Transform(nnx.Module):
-  """Dense(H -> H), GELU, LayerNorm: the BERT prediction-head transform."""
+  """Dense(H -> H), GELU, LayerNorm: the BERT prediction-head transform.
+
+  The Dense runs in the compute dtype; the LayerNorm (float32 inside) hands its output on in
+  float32, so the head's final projection sees it unrounded.
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     # The output stays in the embedding space (LayerNorm over it, then the tied decoder), so
@@ -36,7 +40,7 @@ class Transform(nnx.Module):
     self.dense = Dense(cfg.hidden_size, cfg.hidden_size, axes=("embed", None), rngs=rngs,
                        dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                        stddev=cfg.initializer_range)
-    self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
+    self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=jnp.float32,
                           param_dtype=cfg.weight_dtype)
 
   def __call__(self, x):
@@ -111,12 +115,15 @@ class ImageBert(nnx.Module):
     self.itc_log_scale = nnx.Param(jnp.full((), math.log(1 / 0.07), pdt), logical_axes=())
     self.mlm_transform = Transform(cfg, rngs=rngs)
     self.mlm_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), pdt), logical_axes=("vocab",))
+    # The pretraining heads' final projections compute in float32 too (operands, accumulation
+    # and output), like the pooler: they are a small share of the step (the decoder runs on the
+    # masked positions only) and their logits feed softmaxes over up to 30K classes.
     self.moc_transform = Transform(cfg, rngs=rngs)
-    self.moc = Dense(h, cfg.num_object_classes, axes=("embed", "classes"), rngs=rngs, dtype=dt,
-                     param_dtype=pdt, stddev=std)
+    self.moc = Dense(h, cfg.num_object_classes, axes=("embed", "classes"), rngs=rngs,
+                     dtype=jnp.float32, param_dtype=pdt, stddev=std)
     self.mrfr_transform = Transform(cfg, rngs=rngs)
     self.mrfr = Dense(h, cfg.region_feature_dim, axes=("embed", "feature"), rngs=rngs,
-                      dtype=dt, param_dtype=pdt, stddev=std)
+                      dtype=jnp.float32, param_dtype=pdt, stddev=std)
 
   # ---------------------------------------------------------------------------------------------
   def embed_text(self, text_ids: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
@@ -212,14 +219,17 @@ class ImageBert(nnx.Module):
     return jnp.exp(jnp.minimum(self.itc_log_scale[...].astype(jnp.float32), math.log(100.0)))
 
   def mlm_logits(self, h: jax.Array) -> jax.Array:
-    logits = self.word.attend(self.mlm_transform(h))
-    return logits.astype(jnp.float32) + self.mlm_bias[...].astype(jnp.float32)
+    """Masked-token logits over the vocabulary (decoder tied to the word embeddings), float32."""
+    return (self.word.attend(self.mlm_transform(h), dtype=jnp.float32)
+            + self.mlm_bias[...].astype(jnp.float32))
 
   def moc_logits(self, h: jax.Array) -> jax.Array:
-    return self.moc(self.moc_transform(h)).astype(jnp.float32)
+    """Masked-region class logits, float32."""
+    return self.moc(self.moc_transform(h))
 
   def mrfr_prediction(self, h: jax.Array) -> jax.Array:
-    return self.mrfr(self.mrfr_transform(h)).astype(jnp.float32)
+    """Masked-region feature predictions, float32."""
+    return self.mrfr(self.mrfr_transform(h))
 
   def __call__(self, text_ids, text_mask, region_feat, region_loc, region_mask, *,
                dropout_key=None):

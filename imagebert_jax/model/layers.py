@@ -77,8 +77,10 @@ class Embed(nnx.Module):
   def __call__(self, ids: jax.Array) -> jax.Array:
     return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
-  def attend(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+  def attend(self, x: jax.Array, dtype: Any = None) -> jax.Array:
+    """x @ table.T, in `dtype` (the layer's compute dtype unless given)."""
+    dtype = dtype or self.dtype
+    return jnp.einsum("...d,vd->...v", x.astype(dtype), self.embedding[...].astype(dtype))
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
