@@ -21,7 +21,7 @@ import ml_collections
 
 from imagebert_jax import checkpoint as ckpt_lib
 from imagebert_jax import metrics as metrics_lib
-from imagebert_jax import optim, parallel
+from imagebert_jax import optim, parallel, runconfig
 from imagebert_jax import state as state_lib
 from imagebert_jax.model import ModelConfig
 from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss
@@ -102,6 +102,18 @@ def mark_done(workdir: str, name: str, info: dict) -> None:
     with open(path + ".tmp", "w") as f:
       json.dump(info, f, indent=1)
     os.replace(path + ".tmp", path)
+
+
+def describe_stage(config: ml_collections.ConfigDict, name: str, workdir: str,
+                   model_cfg: ModelConfig, vocab: str, data_dir: str) -> None:
+  """Writes `<stage>/config.json` and the vocabulary beside the stage's checkpoints, so the stage
+  folder alone rebuilds its model (imagebert_jax.runconfig)."""
+  if jax.process_index() != 0:
+    return
+  from imagebert_jax.data import pipeline, records
+  options = records.read_info(pipeline.data_dirs(data_dir)[0]).get("options", {})
+  runconfig.write_stage_config(config, name, workdir, vocab_size=model_cfg.vocab_size,
+                               vocab_file=vocab, data_options=options)
 
 
 def objective_for(kind: str, obj_cfg: ml_collections.ConfigDict, ids):
@@ -227,6 +239,7 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
   data_dir, vocab = prepare_data(config, stage.data, workdir)
   ids = special_ids(vocab)
   model_cfg = model_config(config, ids.vocab_size)
+  describe_stage(config, name, workdir, model_cfg, vocab, data_dir)
   obj = objective_for(kind, stage.objective, ids)
   labelled = [records.read_info(d)["options"].get("has_object_labels", True)
               for d in pipeline.data_dirs(data_dir)]
@@ -398,6 +411,7 @@ def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -
   data_dir, vocab = prepare_data(config, stage.data, workdir)
   ids = special_ids(vocab)
   model_cfg = model_config(config, ids.vocab_size)
+  describe_stage(config, name, workdir, model_cfg, vocab, data_dir)
   mesh, rules = make_mesh(config)
   graphdef, params = state_lib.create_params(model_cfg, mesh, rules, seed=config.seed)
   source = init_source(stage, workdir)
@@ -475,6 +489,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   validate(config, workdir)
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    runconfig.write_run_config(config, workdir)  # workdir/config.json: the run as it ran
   results = {}
   for name in run_names(config):
     kind = config.stages[name].kind
