@@ -24,11 +24,8 @@ def load_config(name, arg=None):
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("demo"))
-  config = load_config("demo", "smoke")
-  results = train.train_and_evaluate(config, workdir)
-  return config, workdir, results
+def smoke_run(demo_smoke_run):
+  return demo_smoke_run
 
 
 def test_demo_writes_metrics_checkpoints_and_events(smoke_run):
