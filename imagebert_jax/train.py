@@ -430,23 +430,28 @@ def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -
   logging.info("[%s] %d images x %d captions = %s pairs", name, split.num_images,
                split.num_captions, f"{split.num_images * split.num_captions:,}")
   started = time.time()
-  scores = eval_lib.score_all(params, split, graphdef, mesh, rules, out_dir, pad_id=ids.pad_id,
-                              tile_images=ecfg.tile_images, tile_captions=ecfg.tile_captions,
-                              chunk_images=ecfg.chunk_images, progress=ecfg.progress)
-  metrics, by_protocol = eval_lib.all_protocol_metrics(scores, split.caption_image,
-                                                       split.source_order, ecfg.protocol)
+  # The contrastive first stage always; the cross-encoder on every pair (eval.rerank_k = 0) or
+  # on each query's top rerank_k (imagebert_jax.two_stage).
+  from imagebert_jax import two_stage
+  result = two_stage.evaluate_split(params, split, graphdef, mesh, rules, out_dir, ids=ids,
+                                    ecfg=ecfg)
+  scores, metrics, by_protocol = result.scores, result.metrics, result.by_protocol
   seconds = time.time() - started
   extra = {"protocol": ecfg.protocol, "split": stage.data.eval_split,
            "images": split.num_images, "captions": split.num_captions,
-           "checkpoint": source, "seconds": round(seconds, 2)}
+           "checkpoint": source, "seconds": round(seconds, 2), **result.extra}
   eval_lib.write_results(out_dir, scores, split, metrics, extra)
+  two_stage.write_itc_scores(out_dir, result.itc_scores)
   writer = metrics_lib.Writer(out_dir, os.path.join(workdir, "metrics.jsonl"), name)
   writer.scalars(0, {f"retrieval/{k}": v for k, v in metrics.items()})
   writer.close()
   if jax.process_index() == 0:
     print(f"[{name}] {ecfg.protocol} retrieval on {stage.data.eval_split} "
           f"({split.num_images} images, {split.num_captions} captions, {seconds:.1f}s)\n"
-          + eval_lib.format_metrics(_table_rows(name, by_protocol)), flush=True)
+          + eval_lib.format_metrics({**_table_rows(name, by_protocol),
+                                     **_table_rows(f"{name} itc", result.itc_by_protocol)})
+          + f"\n(cross-encoder on {result.extra['pairs_scored']:,} of "
+          f"{result.extra['all_pairs']:,} pairs; rows 'itc': the embeddings alone)", flush=True)
   summary = {"kind": "evaluate", "metrics": metrics, "by_protocol": by_protocol, **extra}
   mark_done(workdir, name, summary)
   return summary

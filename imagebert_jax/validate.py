@@ -189,6 +189,9 @@ def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: 
     for key in ("tile_images", "tile_captions", "chunk_images"):
       if stage.eval[key] < 1:
         raise ConfigError(f"{where}.eval.{key}={stage.eval[key]}: want a positive number")
+    if stage.eval.get("rerank_k", 0) < 0:
+      raise ConfigError(f"{where}.eval.rerank_k={stage.eval.rerank_k}: want 0 (the cross-encoder "
+                        "on every pair) or a positive number of candidates per query")
   else:
     _unknown(stage.optim, reference.optim, f"{where}.optim")
     _unknown(stage.train, reference.train, f"{where}.train")
