@@ -227,7 +227,8 @@ def test_two_stage_ranking_against_numpy(model, split, records, demo):
 
 def test_api_works_without_tensorflow(demo):
   code = ("import sys; sys.modules['tensorflow'] = None; "
-          "from imagebert_jax.inference import TrainedModel; import imagebert_jax.runconfig; "
+          "from imagebert_jax.inference import TrainedModel; import imagebert_jax.search, "
+          "imagebert_jax.report, imagebert_jax.runconfig; "
           f"m = TrainedModel.load({demo!r}, batch_size=2); "
           "e = m.embed_texts(['a red dog on the left']); assert e.shape == (1, m.cfg.itc_dim); "
           "assert 'tensorflow' not in [k for k, v in sys.modules.items() if v is not None]")
