@@ -113,8 +113,9 @@ def read_stage_config(stage_dir: str | epath.Path) -> dict:
   path = stage_dir / CONFIG_FILE
   if not path.exists():
     raise RunConfigError(
-        f"{stage_dir}: no {CONFIG_FILE} describing the model of this checkpoint (runs write it "
-        "when a stage starts; rerun the stage with this version to write it)")
+        f"{stage_dir}: no {CONFIG_FILE} describing the model of this checkpoint (a run writes "
+        "it when a stage starts: rerun the run's command on its work directory, which skips "
+        "finished stages and writes their missing config.json)")
   value = read_json(path)
   if not is_stage_config(value):
     raise RunConfigError(f"{path}: not a stage config (it has no 'stage' and 'model' entries)")

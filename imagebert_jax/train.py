@@ -116,6 +116,19 @@ def describe_stage(config: ml_collections.ConfigDict, name: str, workdir: str,
                                vocab_file=vocab, data_options=options)
 
 
+def describe_finished_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
+  """A stage finished by an older run, before stages described themselves, gets its config.json
+  from the config of the run that finds it (the checkpoint's shapes are checked when loaded)."""
+  if os.path.exists(os.path.join(workdir, name, runconfig.CONFIG_FILE)):
+    return
+  from imagebert_jax.data.tokenizer import special_ids
+  data_dir, vocab = prepare_data(config, config.stages[name].data, workdir)
+  model_cfg = model_config(config, special_ids(vocab).vocab_size)
+  describe_stage(config, name, workdir, model_cfg, vocab, data_dir)
+  logging.info("[%s] finished before stages described themselves: wrote its %s", name,
+               runconfig.CONFIG_FILE)
+
+
 def objective_for(kind: str, obj_cfg: ml_collections.ConfigDict, ids):
   """The stage's static objective: PretrainObjective or RetrievalObjective."""
   if kind == "pretrain":
@@ -502,6 +515,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     done = stage_done(workdir, name)
     if done is not None:
       logging.info("Stage %s already finished; skipping it", name)
+      describe_finished_stage(config, name, workdir)
       results[name] = done
       continue
     results[name] = STAGE_KINDS[kind](config, name, workdir)

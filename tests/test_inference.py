@@ -51,6 +51,10 @@ def records(demo, split):
   return recs
 
 
+def _newest_step(stage_dir):
+  return max(int(p) for p in os.listdir(os.path.join(stage_dir, "checkpoints")) if p.isdigit())
+
+
 def _reference_model(model):
   return nnx.merge(model.graphdef, jax.device_get(model.params))
 
@@ -83,7 +87,7 @@ def test_a_stage_folder_alone_rebuilds_its_model(demo, model, tmp_path):
   moved = tmp_path / "elsewhere" / "finetune"
   shutil.copytree(os.path.join(demo, "finetune"), moved)
   want = ckpt_lib.flatten_paths(jax.device_get(model.params))
-  step = sorted(int(p) for p in os.listdir(moved / "checkpoints") if p.isdigit())[-1]
+  step = _newest_step(moved)
   for path in (moved, moved / "checkpoints", moved / "checkpoints" / str(step),
                moved / "checkpoints" / str(step) / "state"):
     loaded = TrainedModel.load(str(path))
@@ -95,7 +99,8 @@ def test_a_stage_folder_alone_rebuilds_its_model(demo, model, tmp_path):
   # The run folder gives its last training stage; a stage can be named.
   assert model.source.endswith(os.path.join("finetune", "checkpoints", str(step)))
   pretrain = TrainedModel.load(demo, stage="pretrain")
-  assert pretrain.source.endswith(os.path.join("pretrain", "checkpoints", "12"))
+  assert pretrain.source.endswith(os.path.join(
+      "pretrain", "checkpoints", str(_newest_step(os.path.join(demo, "pretrain")))))
   assert pretrain.config_digest == model.config_digest
   assert pretrain.weights_digest != model.weights_digest
   # The same parameters as the training loop's own loader restores.
@@ -106,6 +111,24 @@ def test_a_stage_folder_alone_rebuilds_its_model(demo, model, tmp_path):
   assert not missing and not unexpected
   for key, value in restored.items():
     np.testing.assert_array_equal(np.asarray(value), want[key])
+
+
+def test_rerunning_a_finished_run_describes_its_stages(demo_smoke_run, tmp_path):
+  """A run finished before stages described themselves gets their config.json on a rerun."""
+  config, workdir, _ = demo_smoke_run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  for name in ("pretrain", "finetune", "finetuned"):
+    os.remove(copy / name / "config.json")
+  with pytest.raises(RunConfigError, match="rerun the run's command on its work directory"):
+    TrainedModel.load(str(copy))
+  from imagebert_jax import train
+  train.train_and_evaluate(config, str(copy))  # every stage is finished: nothing runs
+  for name in ("pretrain", "finetune", "finetuned"):
+    assert (json.loads((copy / name / "config.json").read_text())
+            == json.loads(open(os.path.join(workdir, name, "config.json")).read()))
+  assert TrainedModel.load(str(copy)).source.endswith(
+      os.path.join("finetune", "checkpoints", str(_newest_step(copy / "finetune"))))
 
 
 def test_missing_or_disagreeing_config_is_one_line(demo, tmp_path):
@@ -166,7 +189,7 @@ def test_inputs_match_the_input_pipeline(model, split, records, demo):
 def test_embeddings_match_the_model_example_by_example(model, split, records):
   ref = _reference_model(model)
   pad = model.ids.pad_id
-  rows = [0, 5, 17, 99, 249]
+  rows = [0, 99, 249]
   got = model.embed_texts(split.text_ids[rows])
   for a, row in enumerate(rows):
     ids = split.text_ids[row]
@@ -174,7 +197,7 @@ def test_embeddings_match_the_model_example_by_example(model, split, records):
     want = ref.text_embedding(jnp.asarray(ids[None, :n]), jnp.ones((1, n), bool))
     np.testing.assert_allclose(got[a], np.asarray(want)[0], atol=2e-5)
   np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
-  images = [0, 9, 40]
+  images = [0, 40]
   got = model.embed_images([records[i] for i in images])
   cls_sep = (model.ids.cls_id, model.ids.sep_id)
   for a, i in enumerate(images):
