@@ -301,7 +301,9 @@ def evaluate_split(params: Any, split: eval_lib.Split, graphdef: Any, mesh, rule
     scores = np.full(first.shape, np.nan, np.float32)
     scores[pairs[:, 0], pairs[:, 1]] = values
     metrics, by_protocol = plan_metrics(pl, first, scores, split.caption_image)
-    shutil.rmtree(os.path.join(out_dir, RERANK_CHUNKS), ignore_errors=True)
+    parallel.barrier("rerank_chunks_read")  # every process has read them: now they can go
+    if jax.process_index() == 0:
+      shutil.rmtree(os.path.join(out_dir, RERANK_CHUNKS), ignore_errors=True)
     scored = len(pairs)
   else:
     t1 = time.time()
@@ -310,6 +312,7 @@ def evaluate_split(params: Any, split: eval_lib.Split, graphdef: Any, mesh, rule
                                 tile_captions=ecfg.tile_captions,
                                 chunk_images=ecfg.chunk_images, progress=ecfg.progress)
     t2 = time.time()
+    parallel.barrier("chunks_read")  # before process 0's write_results removes them
     metrics, by_protocol = eval_lib.all_protocol_metrics(scores, split.caption_image,
                                                          split.source_order, ecfg.protocol)
     scored = n_img * n_cap

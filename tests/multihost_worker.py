@@ -5,7 +5,7 @@
 
 mode 'train': 3 training steps on a fixed global batch, mesh data 4 x fsdp 2; prints the losses,
 saves a checkpoint to <workdir>/ckpt (written by every process), then scores a small split with the
-evaluation code and prints a checksum of the scores. mode 'restore:<dir>': restores the checkpoint
+evaluation code, every pair and in two stages, and prints checksums of the scores. mode 'restore:<dir>': restores the checkpoint
 in <dir> on this topology and prints a checksum of the parameters.
 """
 
@@ -28,11 +28,13 @@ if nproc > 1:
                              process_id=pid)
 
 import functools  # noqa: E402
+import types  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from helpers import CLS, MASK, PAD, RANDOM_RANGE, SEP, TINY, random_batch  # noqa: E402
 from imagebert_jax import checkpoint, config_defaults, evaluate, optim, parallel  # noqa: E402
+from imagebert_jax import two_stage  # noqa: E402
 from imagebert_jax import state as state_lib  # noqa: E402
 from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss  # noqa: E402
 import ml_collections  # noqa: E402
@@ -87,6 +89,15 @@ def main():
                                 tile_captions=8, chunk_images=4, progress=False)
     out["scores_checksum"] = float(np.abs(scores.astype(np.float64)).sum())
     out["scores_shape"] = list(scores.shape)
+    # The same split in two stages: embeddings, then the cross-encoder on each query's top 2.
+    ecfg = ml_collections.ConfigDict(dict(rerank_k=2, tile_images=2, tile_captions=8,
+                                          chunk_images=4, protocol="full", progress=False))
+    ids = types.SimpleNamespace(pad_id=PAD, cls_id=CLS, sep_id=SEP)
+    two = two_stage.evaluate_split(state.params, split, graphdef, mesh, RULES,
+                                   os.path.join(workdir, "two_stage"), ids=ids, ecfg=ecfg)
+    out["itc_checksum"] = float(np.abs(two.itc_scores.astype(np.float64)).sum())
+    out["rerank_checksum"] = float(np.nansum(np.abs(two.scores.astype(np.float64))))
+    out["pairs_scored"] = two.extra["pairs_scored"]
   else:
     ckpt.close()
     source = mode.split(":", 1)[1]

@@ -55,6 +55,9 @@ def test_two_processes_match_one(trained):
     np.testing.assert_allclose(r["params_checksum"], single["params_checksum"], rtol=1e-6)
     assert r["scores_shape"] == single["scores_shape"]
     np.testing.assert_allclose(r["scores_checksum"], single["scores_checksum"], rtol=1e-5)
+    np.testing.assert_allclose(r["itc_checksum"], single["itc_checksum"], rtol=1e-5)
+    np.testing.assert_allclose(r["rerank_checksum"], single["rerank_checksum"], rtol=1e-5)
+    assert r["pairs_scored"] == single["pairs_scored"] > 0
 
 
 def test_checkpoints_restore_across_topologies(trained, tmp_path):
