@@ -243,7 +243,7 @@ def _source(args) -> dict:
 
 
 def _new_items(source: dict, done: set[str], max_regions: int, options: dict,
-               batch_size: int, skipped: list) -> tuple[Iterator[Item], int]:
+               detector_batch: int, skipped: list) -> tuple[Iterator[Item], int]:
   """(the images not in the index yet, their number)."""
   kind = source["kind"]
   if kind == "images":
@@ -257,7 +257,8 @@ def _new_items(source: dict, done: set[str], max_regions: int, options: dict,
       raise SearchError(f"--detector_weights: {e}") from None
 
     def photos():
-      for path, key, record, error in extract_regions(todo, params, cfg, batch_size=batch_size):
+      for path, key, record, error in extract_regions(todo, params, cfg,
+                                                      batch_size=detector_batch):
         if record is None:
           log.warning("skipping %s: %s", path, error)
           skipped.append({"path": path, "id": key, "error": error})
@@ -339,7 +340,8 @@ def build(args) -> dict:
   done = index.ids()
   skipped: list = []
   items, todo = _new_items(source, done, model.cfg.max_regions,
-                           model.stage_config.get("data_options", {}), args.batch_size, skipped)
+                           model.stage_config.get("data_options", {}), args.detector_batch_size,
+                           skipped)
   if args.max_images:
     todo = min(todo, args.max_images)
   log.info("%s: %d images already indexed, %d to do", index.folder, len(done), todo)
@@ -524,6 +526,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="detectron2-format .pkl of the region detector (for image files).")
   common.add_argument("--detector_config", default="",
                       help="JSON file of DetectorConfig fields that differ from the public model.")
+  common.add_argument("--detector_batch_size", type=int, default=1,
+                      help="Images per detector call.")
   b = sub.add_parser("index", parents=[common], help="Build or extend an index.")
   b.add_argument("--images", default="", help="A folder of images (recursive) or a list file.")
   b.add_argument("--regions", default="", help="Region files (.ibrf): paths or globs, commas.")
@@ -549,8 +553,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   q.add_argument("--html", default="", help="Write a self-contained HTML report here.")
   q.add_argument("--boxes", action="store_true", help="Draw the region boxes in the report.")
   args = p.parse_args(argv)
-  if args.batch_size < 1:
-    p.error("--batch_size must be >= 1")
+  if args.batch_size < 1 or args.detector_batch_size < 1:
+    p.error("--batch_size and --detector_batch_size must be >= 1")
   if args.command == "query" and (args.top_k < 1 or args.rerank_k < 0):
     p.error("want --top_k >= 1 and --rerank_k >= 0")
   if args.command == "index" and args.part_size < 1:

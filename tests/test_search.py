@@ -79,7 +79,8 @@ def photo_index(tmp_path_factory, demo, detector, photos):
   index = str(tmp_path_factory.mktemp("photo_index") / "index")
   args = ["index", "--model", os.path.join(demo, "finetune"), "--index", index, "--images",
           str(photos), "--detector_config", detector[0], "--detector_weights", detector[1],
-          "--part_size", "2", "--batch_size", "8", "--no_progress"]
+          "--part_size", "2", "--batch_size", "8", "--detector_batch_size", "2",
+          "--no_progress"]
   first = search.main(args + ["--max_images", "2"])
   second = search.main(args)
   return index, first, second
