@@ -35,7 +35,8 @@ h2 { font-size: 1.1em; }
 body.hide-boxes .frame svg { display: none; }
 .id { font-weight: bold; word-break: break-all; }
 .scores { color: #555; }
-ol.texts .result { width: auto; margin: 0.4em 0; }
+ol.results.texts { display: block; }
+ol.texts .result { width: auto; margin: 0.5em 0; font-size: 0.95em; }
 .query-image { margin-bottom: 0.6em; }
 """
 
@@ -118,14 +119,16 @@ def render(results: dict, images: dict[str, dict], *, boxes: bool = False) -> st
       parts.append('<ol class="results texts">')
       for r in q["results"]:
         parts.append(f'<li class="result" data-id="{html.escape(r["id"], quote=True)}">'
-                     f'<span class="id">{html.escape(r["id"])}</span>' + _scores(r) + "</li>")
+                     f'{r["rank"]}. <span class="id">{html.escape(r["id"])}</span>'
+                     + _scores(r) + "</li>")
       parts.append("</ol>")
     parts.append("</section>")
     body.append("".join(parts))
   toggle = ('<label><input type="checkbox" id="show-boxes" checked> show region boxes</label>'
             if boxes else "")
   rerank = results.get("rerank_k", 0)
-  how = (f"the cross-encoder rescored each query's top {rerank} by the embeddings" if rerank
+  how = (f"the cross-encoder rescored each query's top {rerank} (or all, if fewer) by the "
+         "embeddings" if rerank
          else "the cross-encoder scored every candidate")
   meta = html.escape(json.dumps({k: results.get(k) for k in ("index", "model", "images", "top_k",
                                                                "rerank_k")}), quote=True)
