@@ -151,13 +151,16 @@ def retrieval_validation_default() -> ConfigDict:
 
 def evaluate_stage(data: ConfigDict, *, from_stage: str = "", checkpoint: str = "",
                    protocol: str = "full") -> ConfigDict:
-  """All-pairs retrieval evaluation of the split `data.eval_split`."""
+  """Retrieval evaluation of the split `data.eval_split`: the cross-encoder on every pair
+  (`eval.rerank_k` = 0), or on each query's top `rerank_k` after the contrastive embeddings rank
+  every candidate (imagebert_jax.two_stage)."""
   return ConfigDict(dict(
       kind="evaluate", data=data,
       # captions_per_image: each image's first captions in the caption file's order (the
       # Karpathy protocol's five); 0 keeps all.
       eval=ConfigDict(dict(protocol=protocol, tile_images=8, tile_captions=128,
-                           chunk_images=64, max_images=0, captions_per_image=5, progress=True)),
+                           chunk_images=64, max_images=0, captions_per_image=5, progress=True,
+                           rerank_k=0)),
       init=init_default(from_stage=from_stage, checkpoint=checkpoint)))
 
 

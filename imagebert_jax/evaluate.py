@@ -302,11 +302,14 @@ def score_all(params: Any, split: Split, graphdef: Any, mesh, rules, out_dir: st
   return np.concatenate([np.load(_chunk_path(chunks_dir, s)) for s in starts], axis=0)
 
 
+@jax.jit
+def _abs_sum(params: Any) -> jax.Array:
+  return sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in jax.tree.leaves(params))
+
+
 def _checksum(params: Any) -> str:
   """A fingerprint of the parameters (computed on the devices, the same on every process)."""
-  total = jax.jit(lambda p: sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in
-                                jax.tree.leaves(p)))(params)
-  return f"{float(total):.9e}"
+  return f"{float(_abs_sum(params)):.9e}"
 
 
 def _finished_chunks(chunks_dir: str, starts: list[int], manifest: dict) -> set[int]:

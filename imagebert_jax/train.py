@@ -24,7 +24,7 @@ import numpy as np
 from imagebert_jax import checkpoint as ckpt_lib
 from imagebert_jax import metrics as metrics_lib
 from imagebert_jax import monitor as monitor_lib
-from imagebert_jax import optim, parallel
+from imagebert_jax import optim, parallel, runconfig
 from imagebert_jax import state as state_lib
 from imagebert_jax.model import ModelConfig
 from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss
@@ -123,6 +123,31 @@ def mark_done(workdir: str, name: str, info: dict) -> None:
     with open(path + ".tmp", "w") as f:
       json.dump(info, f, indent=1)
     os.replace(path + ".tmp", path)
+
+
+def describe_stage(config: ml_collections.ConfigDict, name: str, workdir: str,
+                   model_cfg: ModelConfig, vocab: str, data_dir: str) -> None:
+  """Writes `<stage>/config.json` and the vocabulary beside the stage's checkpoints, so the stage
+  folder alone rebuilds its model (imagebert_jax.runconfig)."""
+  if jax.process_index() != 0:
+    return
+  from imagebert_jax.data import pipeline, records
+  options = records.read_info(pipeline.data_dirs(data_dir)[0]).get("options", {})
+  runconfig.write_stage_config(config, name, workdir, vocab_size=model_cfg.vocab_size,
+                               vocab_file=vocab, data_options=options)
+
+
+def describe_finished_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
+  """A stage finished by an older run, before stages described themselves, gets its config.json
+  from the config of the run that finds it (the checkpoint's shapes are checked when loaded)."""
+  if os.path.exists(os.path.join(workdir, name, runconfig.CONFIG_FILE)):
+    return
+  from imagebert_jax.data.tokenizer import special_ids
+  data_dir, vocab = prepare_data(config, config.stages[name].data, workdir)
+  model_cfg = model_config(config, special_ids(vocab).vocab_size)
+  describe_stage(config, name, workdir, model_cfg, vocab, data_dir)
+  logging.info("[%s] finished before stages described themselves: wrote its %s", name,
+               runconfig.CONFIG_FILE)
 
 
 def objective_for(kind: str, obj_cfg: ml_collections.ConfigDict, ids):
@@ -345,6 +370,7 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
   data_dir, vocab = prepare_data(config, stage.data, workdir)
   ids = special_ids(vocab)
   model_cfg = model_config(config, ids.vocab_size)
+  describe_stage(config, name, workdir, model_cfg, vocab, data_dir)
   obj = objective_for(kind, stage.objective, ids)
   labelled = [records.read_info(d)["options"].get("has_object_labels", True)
               for d in pipeline.data_dirs(data_dir)]
@@ -541,6 +567,7 @@ def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -
   data_dir, vocab = prepare_data(config, stage.data, workdir)
   ids = special_ids(vocab)
   model_cfg = model_config(config, ids.vocab_size)
+  describe_stage(config, name, workdir, model_cfg, vocab, data_dir)
   mesh, rules = make_mesh(config)
   graphdef, params = state_lib.create_params(model_cfg, mesh, rules, seed=config.seed)
   source = init_source(stage, workdir)
@@ -559,12 +586,12 @@ def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -
   logging.info("[%s] %d images x %d captions = %s pairs", name, split.num_images,
                split.num_captions, f"{split.num_images * split.num_captions:,}")
   started = time.time()
-  scores = eval_lib.score_all(params, split, graphdef, mesh, rules, out_dir, pad_id=ids.pad_id,
-                              tile_images=ecfg.tile_images, tile_captions=ecfg.tile_captions,
-                              chunk_images=ecfg.chunk_images, progress=ecfg.progress)
-  metrics, by_protocol = eval_lib.all_protocol_metrics(scores, split.caption_image,
-                                                       split.source_order, ecfg.protocol)
-  nonfinite = eval_lib.count_nonfinite(scores, f"[{name}]")
+  # The contrastive first stage always; the cross-encoder on every pair (eval.rerank_k = 0) or
+  # on each query's top rerank_k (imagebert_jax.two_stage).
+  from imagebert_jax import two_stage
+  result = two_stage.evaluate_split(params, split, graphdef, mesh, rules, out_dir, ids=ids,
+                                    ecfg=ecfg)
+  scores, metrics, by_protocol = result.scores, result.metrics, result.by_protocol
   seconds = time.time() - started
   spread = eval_lib.score_spread(scores)
   if spread["scores_near_constant"]:
@@ -573,18 +600,22 @@ def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -
                     spread["score_std"], f"{scores.size:,}")
   extra = {"protocol": ecfg.protocol, "split": stage.data.eval_split,
            "images": split.num_images, "captions": split.num_captions,
-           "captions_per_image": ecfg.captions_per_image, "nonfinite_scores": nonfinite,
+           "captions_per_image": ecfg.captions_per_image,
            "checkpoint": source, "checkpoint_step": ckpt_lib.step_of(source) if source else None,
-           "seconds": round(seconds, 2), **spread}
+           "seconds": round(seconds, 2), **spread, **result.extra}
   eval_lib.write_results(out_dir, scores, split, metrics, extra)
+  two_stage.write_itc_scores(out_dir, result.itc_scores)
   writer = metrics_lib.Writer(workdir, name)
   writer.scalars(0, {f"retrieval/{k}": v for k, v in
-                     dict(metrics, nonfinite_scores=nonfinite).items()})
+                     dict(metrics, nonfinite_scores=result.extra["nonfinite_scores"]).items()})
   writer.close()
   if jax.process_index() == 0:
     print(f"[{name}] {ecfg.protocol} retrieval on {stage.data.eval_split} "
           f"({split.num_images} images, {split.num_captions} captions, {seconds:.1f}s)\n"
-          + eval_lib.format_metrics(_table_rows(name, by_protocol)), flush=True)
+          + eval_lib.format_metrics({**_table_rows(name, by_protocol),
+                                     **_table_rows(f"{name} itc", result.itc_by_protocol)})
+          + f"\n(cross-encoder on {result.extra['pairs_scored']:,} of "
+          f"{result.extra['all_pairs']:,} pairs; rows 'itc': the embeddings alone)", flush=True)
   summary = {"kind": "evaluate", "metrics": metrics, "by_protocol": by_protocol, **extra}
   mark_done(workdir, name, summary)
   return summary
@@ -629,12 +660,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   validate(config, workdir)
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    runconfig.write_run_config(config, workdir)  # workdir/config.json: the run as it ran
   results = {}
   for name in run_names(config):
     kind = config.stages[name].kind
     done = stage_done(workdir, name)
     if done is not None:
       logging.info("Stage %s already finished; skipping it", name)
+      describe_finished_stage(config, name, workdir)
       results[name] = done
       continue
     results[name] = STAGE_KINDS[kind](config, name, workdir)

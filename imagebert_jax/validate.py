@@ -212,6 +212,9 @@ def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: 
     if stage.eval.captions_per_image < 0:
       raise ConfigError(f"{where}.eval.captions_per_image={stage.eval.captions_per_image}: want "
                         "0 (all) or more")
+    if stage.eval.get("rerank_k", 0) < 0:
+      raise ConfigError(f"{where}.eval.rerank_k={stage.eval.rerank_k}: want 0 (the cross-encoder "
+                        "on every pair) or a positive number of candidates per query")
   else:
     _unknown(stage.optim, reference.optim, f"{where}.optim")
     _unknown(stage.train, reference.train, f"{where}.train")

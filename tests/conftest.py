@@ -43,3 +43,37 @@ def pytest_runtest_call(item):
     if os.environ.get("IMAGEBERT_EXPECT_GPU") == "1":
       pytest.fail(f"{why}, but IMAGEBERT_EXPECT_GPU=1 expects one", pytrace=False)
     pytest.skip(why)
+
+
+def load_config(name, arg=None):
+  """configs/<name>.py's get_config(arg)."""
+  import importlib.util
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(name, os.path.join(root, "configs", name + ".py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="session")
+def demo_smoke_run(tmp_path_factory):
+  """(config, workdir, results) of the demo's smoke config run once for the session: pretrain ->
+  finetune -> zero-shot and fine-tuned evaluation (smoke_config). Tests that only read it share
+  it."""
+  from imagebert_jax import train
+  workdir = str(tmp_path_factory.mktemp("demo"))
+  config = smoke_config()
+  results = train.train_and_evaluate(config, workdir)
+  return config, workdir, results
+
+
+def smoke_config():
+  """demo.py:smoke, with a profile of two pretraining steps and retrieval validation on 10 test
+  images every 3 fine-tuning steps."""
+  config = load_config("demo", "smoke")
+  config.unlock()
+  config.stages.pretrain.train.update(dict(profile_steps=2, profile_first_step=4))
+  config.stages.finetune.train.eval_every = 3
+  config.stages.finetune.val.max_images = 10
+  config.lock()
+  return config

@@ -6,8 +6,9 @@
 mode 'train': 3 training steps, mesh data 4 x fsdp 2, on global batches that every process builds
 from its own share of the rows through parallel.global_batch (as training does from its input
 pipeline); prints the losses, saves a checkpoint to <workdir>/ckpt (written by every process), then
-scores a small split with the evaluation code. The whole parameters and score matrix go to
-<workdir>/params_<process>.npz and scores_<process>.npy. mode 'restore:<dir>': restores the
+scores a small split with the evaluation code, every pair and in two stages. The whole parameters and score matrix go to
+<workdir>/params_<process>.npz and scores_<process>.npy
+(two-stage: itc_<process>.npy, rerank_<process>.npy). mode 'restore:<dir>': restores the
 checkpoint in <dir> on this topology and writes its whole parameters the same way.
 """
 
@@ -30,11 +31,13 @@ if nproc > 1:
                              process_id=pid)
 
 import functools  # noqa: E402
+import types  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from helpers import CLS, MASK, PAD, RANDOM_RANGE, SEP, TINY, random_batch  # noqa: E402
 from imagebert_jax import checkpoint, config_defaults, evaluate, optim, parallel  # noqa: E402
+from imagebert_jax import two_stage  # noqa: E402
 from imagebert_jax import state as state_lib  # noqa: E402
 from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss  # noqa: E402
 import ml_collections  # noqa: E402
@@ -94,6 +97,15 @@ def main():
                                 os.path.join(workdir, "eval"), pad_id=PAD, tile_images=2,
                                 tile_captions=8, chunk_images=4, progress=False)
     np.save(os.path.join(workdir, f"scores_{pid}.npy"), scores)
+    # The same split in two stages: embeddings, then the cross-encoder on each query's top 2.
+    ecfg = ml_collections.ConfigDict(dict(rerank_k=2, tile_images=2, tile_captions=8,
+                                          chunk_images=4, protocol="full", progress=False))
+    ids = types.SimpleNamespace(pad_id=PAD, cls_id=CLS, sep_id=SEP)
+    two = two_stage.evaluate_split(state.params, split, graphdef, mesh, RULES,
+                                   os.path.join(workdir, "two_stage"), ids=ids, ecfg=ecfg)
+    np.save(os.path.join(workdir, f"itc_{pid}.npy"), two.itc_scores)
+    np.save(os.path.join(workdir, f"rerank_{pid}.npy"), two.scores)
+    out["pairs_scored"] = two.extra["pairs_scored"]
   else:
     ckpt.close()
     source = mode.split(":", 1)[1]

@@ -69,14 +69,19 @@ def test_two_processes_match_one(trained):
     # runs differed by at most 1e-8 after three steps.
     for k in want:
       np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
-    scores = np.load(os.path.join(two, f"scores_{p}.npy"))
-    np.testing.assert_allclose(scores, np.load(os.path.join(one, "scores_0.npy")), rtol=1e-6,
-                               atol=1e-7)
+    # Scores: every pair, the embeddings' and the re-ranked (NaN where the cross-encoder did not
+    # score a pair: the same pairs in both runs).
+    for name in ("scores", "itc", "rerank"):
+      np.testing.assert_allclose(np.load(os.path.join(two, f"{name}_{p}.npy")),
+                                 np.load(os.path.join(one, f"{name}_0.npy")), rtol=1e-6,
+                                 atol=1e-7, err_msg=name)
+    assert r["pairs_scored"] == single["pairs_scored"] > 0
   # The two processes hold the very same whole parameters and scores.
   for k in want:
     np.testing.assert_array_equal(params(two, 0)[k], params(two, 1)[k])
-  np.testing.assert_array_equal(np.load(os.path.join(two, "scores_0.npy")),
-                                np.load(os.path.join(two, "scores_1.npy")))
+  for name in ("scores", "itc", "rerank"):
+    np.testing.assert_array_equal(np.load(os.path.join(two, f"{name}_0.npy")),
+                                  np.load(os.path.join(two, f"{name}_1.npy")))
 
 
 def test_checkpoints_restore_across_topologies(trained, tmp_path):

@@ -2,7 +2,6 @@
 Orbax checkpoints -> TensorBoard and metrics.jsonl; and resuming from the latest checkpoint."""
 
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -10,37 +9,16 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import load_config, smoke_config
 from imagebert_jax import metrics as metrics_lib
 from imagebert_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def smoke_config():
-  """demo.py:smoke, with a profile of two pretraining steps and retrieval validation on 10 test
-  images every 3 fine-tuning steps."""
-  config = load_config("demo", "smoke")
-  config.unlock()
-  config.stages.pretrain.train.update(dict(profile_steps=2, profile_first_step=4))
-  config.stages.finetune.train.eval_every = 3
-  config.stages.finetune.val.max_images = 10
-  config.lock()
-  return config
-
-
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("demo"))
-  config = smoke_config()
-  results = train.train_and_evaluate(config, workdir)
-  return config, workdir, results
+def smoke_run(demo_smoke_run):
+  return demo_smoke_run
 
 
 @pytest.mark.slow

@@ -27,25 +27,20 @@ fields that differ from the public model (for other checkpoints or tests).
 from __future__ import annotations
 
 import argparse
-import collections
-import concurrent.futures
 import json
 import logging
 import os
 import sys
 import time
 
-import jax
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from imagebert_jax.data.regionfile import RegionFileWriter, RegionRecord  # noqa: E402
+from imagebert_jax.data.regionfile import RegionFileWriter  # noqa: E402
 from imagebert_jax.detector import (DetectorConfig, WeightsError,  # noqa: E402
-                                    compiled_detector, load_detectron2_weights, load_image,
-                                    prepare_image, to_original)
+                                    load_detectron2_weights)
+from imagebert_jax.detector.extract import (assign_ids, extract_regions,  # noqa: E402
+                                            list_images)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 log = logging.getLogger("extract_features")
 
 
@@ -78,50 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
-def list_images(spec: str) -> tuple[list[str], str]:
-  """Sorted image paths of a folder (recursive) or a list file, and the root for relative ids."""
-  if os.path.isdir(spec):
-    root = os.path.abspath(spec)
-    found = []
-    for folder, dirs, files in os.walk(root):
-      dirs.sort()
-      for name in files:
-        if name.lower().endswith(IMAGE_EXTENSIONS):
-          found.append(os.path.join(folder, name))
-    return sorted(found, key=lambda path: os.path.relpath(path, root)), root
-  if not os.path.isfile(spec):
-    raise SystemExit(f"--images {spec}: no such folder or list file")
-  root = os.path.dirname(os.path.abspath(spec))
-  paths = []
-  with open(spec, encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if line and not line.startswith("#"):
-        paths.append(line if os.path.isabs(line) else os.path.join(root, line))
-  return sorted(set(paths)), root
-
-
-def image_id(path: str, root: str, mode: str) -> str:
-  if mode == "stem":
-    return os.path.splitext(os.path.basename(path))[0]
-  rel = os.path.splitext(os.path.relpath(path, root))[0]
-  return rel.replace(os.sep, "/")
-
-
-def assign_ids(paths: list[str], root: str, mode: str) -> list[tuple[str, str]]:
-  """(path, id) pairs; raises SystemExit naming the first two images that share an id."""
-  seen: dict[str, str] = {}
-  out = []
-  for path in paths:
-    key = image_id(path, root, mode)
-    if key in seen:
-      hint = " (try --id_from relpath)" if mode == "stem" else ""
-      raise SystemExit(f"images {seen[key]} and {path} both have id {key!r}{hint}")
-    seen[key] = path
-    out.append((path, key))
-  return out
-
-
 def load_config(path: str | None) -> DetectorConfig:
   if path is None:
     return DetectorConfig()
@@ -131,13 +82,6 @@ def load_config(path: str | None) -> DetectorConfig:
     return DetectorConfig.from_dict(values)
   except (OSError, ValueError, TypeError) as e:
     raise SystemExit(f"--config {path}: {e}") from None
-
-
-def _prepare(path: str, cfg: DetectorConfig):
-  try:
-    return prepare_image(load_image(path), cfg), None
-  except Exception as e:  # noqa: BLE001 - any decoding failure skips the image
-    return None, f"{type(e).__name__}: {e}"
 
 
 class _Progress:
@@ -177,7 +121,6 @@ def run(argv: list[str] | None = None) -> dict:
   items = assign_ids(paths, root, args.id_from)
   mine = [item for i, item in enumerate(items) if i % args.num_shards == args.shard_index]
   params = load_detectron2_weights(args.weights, cfg)
-  detector = compiled_detector(cfg)
 
   os.makedirs(args.output, exist_ok=True)
   stem = f"regions-{args.shard_index:05d}-of-{args.num_shards:05d}"
@@ -197,89 +140,21 @@ def run(argv: list[str] | None = None) -> dict:
   written = 0
   since_flush = 0
   progress = _Progress(len(todo), enabled=not args.no_progress)
-  buckets: dict[tuple[int, int], list] = collections.defaultdict(list)
-  inflight: collections.deque = collections.deque()
-
-  # Only the outputs a record keeps come back from the device.
-  box_key = "boxes" if args.boxes == "proposals" else "regressed_boxes"
-  wanted = ["num_boxes", box_key, "features", "object_id", "object_conf"]
-  wanted += ["attr_id", "attr_conf"] if cfg.num_attributes else []
-  wanted += ["class_probs"] if args.class_probs else []
-
-  def finish(batch, out) -> None:
-    nonlocal written, since_flush
-    out = jax.device_get({k: out[k] for k in wanted})
-    for b, (path, key, prep) in enumerate(batch):
-      n = int(out["num_boxes"][b])
-      if n == 0:  # e.g. a sliver a few pixels high: no valid proposal at all
-        skipped.append({"path": path, "id": key, "error": "no regions found (image too small?)"})
-        continue
-      record = RegionRecord(
-          image_id=key, image_w=int(prep.original_hw[1]), image_h=int(prep.original_hw[0]),
-          boxes=to_original(out[box_key][b, :n], prep),
-          features=out["features"][b, :n].astype(np.float16),
-          object_id=out["object_id"][b, :n].astype(np.int32),
-          object_conf=out["object_conf"][b, :n].astype(np.float32))
-      if cfg.num_attributes:
-        record.attr_id = out["attr_id"][b, :n].astype(np.int32)
-        record.attr_conf = out["attr_conf"][b, :n].astype(np.float32)
-      if args.class_probs:
-        record.class_probs = out["class_probs"][b, :n].astype(np.float16)
-      try:
-        record.validate(feature_dim=cfg.feature_dim)
-      except ValueError as e:
-        skipped.append({"path": path, "id": key, "error": f"bad detector output: {e}"})
+  try:
+    for path, key, record, error in extract_regions(
+        todo, params, cfg, batch_size=args.batch_size, workers=args.workers, boxes=args.boxes,
+        class_probs=args.class_probs):
+      progress.update(1)
+      if record is None:
+        skipped.append({"path": path, "id": key, "error": error})
+        log.warning("skipping %s: %s", path, error)
         continue
       writer.write(record)
       written += 1
       since_flush += 1
-    if since_flush >= args.flush_every:
-      writer.flush()
-      since_flush = 0
-    progress.update(len(batch))
-
-  def launch(batch) -> None:
-    canvases = [prep.canvas for _, _, prep in batch]
-    sizes = [prep.resized_hw for _, _, prep in batch]
-    while len(canvases) < args.batch_size:  # pad the last batch; its extra results are dropped
-      canvases.append(canvases[0])
-      sizes.append(sizes[0])
-    out = detector(params, np.stack(canvases), np.asarray(sizes, np.int32))
-    inflight.append((batch, out))
-    while len(inflight) > 1:  # keep one batch running on the device while the host writes
-      finish(*inflight.popleft())
-
-  try:
-    with concurrent.futures.ThreadPoolExecutor(max(1, args.workers)) as pool:
-      window = max(2 * args.workers, 2 * args.batch_size)
-      pending: collections.deque = collections.deque()
-      queue = iter(todo)
-      while True:
-        while len(pending) < window:
-          item = next(queue, None)
-          if item is None:
-            break
-          pending.append((item, pool.submit(_prepare, item[0], cfg)))
-        if not pending:
-          break
-        (path, key), future = pending.popleft()
-        prep, error = future.result()
-        if prep is None:
-          skipped.append({"path": path, "id": key, "error": error})
-          log.warning("skipping %s: %s", path, error)
-          progress.update(1)
-          continue
-        bucket = buckets[prep.canvas.shape[:2]]
-        bucket.append((path, key, prep))
-        if len(bucket) == args.batch_size:
-          launch(bucket[:])
-          bucket.clear()
-      for bucket in buckets.values():
-        if bucket:
-          launch(bucket[:])
-          bucket.clear()
-      while inflight:
-        finish(*inflight.popleft())
+      if since_flush >= args.flush_every:
+        writer.flush()
+        since_flush = 0
   finally:
     writer.flush()
     writer.close()

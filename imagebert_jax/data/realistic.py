@@ -43,7 +43,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 

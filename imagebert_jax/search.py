@@ -1,0 +1,578 @@
+"""Search one's own images and texts with a trained ImageBERT: an index on disk, then queries.
+
+    # Index a folder of photos (through the region detector), region files, or a built dataset split
+    python -m imagebert_jax.search index --model runs/demo --index my_index \\
+        --images photos/ --detector_weights faster_rcnn_from_caffe_attr.pkl
+    python -m imagebert_jax.search index --model runs/demo --index my_index --regions 'feat/*.ibrf'
+    python -m imagebert_jax.search index --model runs/demo --index my_index --dataset data/f30k \\
+        --split test [--image_root flickr30k_images/]
+
+    # Texts -> the top images; an image -> the top texts of a file
+    python -m imagebert_jax.search query --index my_index --query "a red bicycle next to a bench" \\
+        [--query ... | --queries questions.txt] [--top_k 10] [--rerank_k 16] \\
+        [--json results.json] [--html report.html [--boxes]]
+    python -m imagebert_jax.search query --index my_index --image photos/cat.jpg --texts captions.txt
+
+The index folder holds `index.json` (the model it was built with: its folder, config digest and
+weights digest; the source; the detector) and `parts/part-NNNNNN.npz`, each a batch of images: ids,
+paths, contrastive embeddings, the regions (features, boxes, image size). A build shows images/s
+and the time left, writes a part every `--part_size` images, and a rerun continues after the last
+part written. Querying with another model than the index was built with is refused.
+
+Queries run in two stages (imagebert_jax.inference): the embeddings rank every candidate, the
+cross-encoder rescores the top `--rerank_k` (0: every candidate). The JSON output has, per query,
+the final ranking (ids, cross-encoder scores, first-stage scores and places) and the first stage's
+own top list; the HTML report is one self-contained file (thumbnails inlined) that opens from disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import io
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Iterator
+
+import numpy as np
+from etils import epath
+
+log = logging.getLogger("imagebert_jax.search")
+
+MANIFEST = "index.json"
+PARTS = "parts"
+FORMAT = 1
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+class SearchError(Exception):
+  """A problem the user can fix; the message is one line."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The index on disk.
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class IndexData:
+  image_ids: list[str]
+  paths: list[str]              # '' where the image file is not known
+  embeddings: np.ndarray        # [N, E] float32
+  region_feat: np.ndarray       # [N, R, D] float16
+  boxes: np.ndarray             # [N, R, 4] pixels (zeros past num_regions)
+  num_regions: np.ndarray       # [N]
+  image_w: np.ndarray           # [N]
+  image_h: np.ndarray           # [N]
+
+  def __len__(self) -> int:
+    return len(self.image_ids)
+
+  def locations(self) -> np.ndarray:
+    """[N, R, 5] box locations as the model takes them (zeros at padding)."""
+    w = self.image_w.astype(np.float32)[:, None]
+    h = self.image_h.astype(np.float32)[:, None]
+    x1, y1, x2, y2 = (self.boxes[..., i] for i in range(4))
+    loc = np.stack([x1 / w, y1 / h, x2 / w, y2 / h, (x2 - x1) * (y2 - y1) / (w * h)], -1)
+    valid = np.arange(self.boxes.shape[1])[None, :] < self.num_regions[:, None]
+    return np.where(valid[..., None], np.clip(loc, 0.0, 1.0), 0.0).astype(np.float32)
+
+
+class Index:
+  """An index folder (local or a bucket URL)."""
+
+  def __init__(self, folder: str):
+    self.folder = epath.Path(folder)
+    self.manifest_path = self.folder / MANIFEST
+
+  def exists(self) -> bool:
+    return self.manifest_path.exists()
+
+  def manifest(self) -> dict:
+    if not self.exists():
+      raise SearchError(f"{self.folder}: not an index (no {MANIFEST}); build one with "
+                        "`python -m imagebert_jax.search index`")
+    return json.loads(self.manifest_path.read_text())
+
+  def write_manifest(self, value: dict) -> None:
+    self.folder.mkdir(parents=True, exist_ok=True)
+    tmp = self.folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    tmp.replace(self.manifest_path)
+
+  def parts(self) -> list[epath.Path]:
+    folder = self.folder / PARTS
+    if not folder.exists():
+      return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith("part-")
+                  and p.name.endswith(".npz"))
+
+  def _read_part(self, path: epath.Path) -> dict:
+    with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
+
+  def ids(self) -> set[str]:
+    out = set()
+    for p in self.parts():
+      out.update(str(x) for x in self._read_part(p)["image_ids"])
+    return out
+
+  def write_part(self, arrays: dict[str, np.ndarray]) -> epath.Path:
+    """The next part, whole or not at all (written beside, then renamed)."""
+    folder = self.folder / PARTS
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = self.parts()
+    number = int(existing[-1].name[5:11]) + 1 if existing else 0
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    path = folder / f"part-{number:06d}.npz"
+    tmp = folder / f"tmp-{number:06d}.npz"
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(path)
+    return path
+
+  def load(self) -> IndexData:
+    parts = [self._read_part(p) for p in self.parts()]
+    if not parts:
+      raise SearchError(f"{self.folder}: the index holds no images yet")
+    cat = lambda k: np.concatenate([p[k] for p in parts])
+    return IndexData([str(x) for x in cat("image_ids")], [str(x) for x in cat("paths")],
+                     cat("embeddings").astype(np.float32), cat("region_feat"), cat("boxes"),
+                     cat("num_regions"), cat("image_w"), cat("image_h"))
+
+
+def model_entry(model) -> dict:
+  return {"source": model.source, "stage": model.stage_config.get("stage", ""),
+          "config_digest": model.config_digest, "weights_digest": model.weights_digest,
+          "itc_dim": model.cfg.itc_dim, "max_regions": model.cfg.max_regions,
+          "region_feature_dim": model.cfg.region_feature_dim}
+
+
+def check_model(index: Index, manifest: dict, model) -> None:
+  """Refuses a model other than the one the index was built with (one line)."""
+  built = manifest["model"]
+  if built["config_digest"] != model.config_digest:
+    raise SearchError(
+        f"{index.folder} was built with another model ({built['source']}, config "
+        f"{built['config_digest'][:12]}); {model.source} has config {model.config_digest[:12]}: "
+        "query the index with the model it was built with, or build a new index")
+  if built["weights_digest"] != model.weights_digest:
+    raise SearchError(
+        f"{index.folder} was built with other weights of this model ({built['source']}); "
+        f"{model.source} differs: query the index with the weights it was built with, or build "
+        "a new index")
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources of images.
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Item:
+  image_id: str
+  path: str
+  record: Any  # a RegionRecord (features, boxes, image_w, image_h, object_conf)
+
+
+def find_image(root: str, image_id: str) -> str:
+  """`root/<id><ext>` for the usual image extensions, or '' when there is none."""
+  if not root:
+    return ""
+  for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
+    path = os.path.join(root, image_id + ext)
+    if os.path.isfile(path):
+      return path
+  return ""
+
+
+def photo_items(folder: str) -> list[tuple[str, str]]:
+  """(path, id) of the images of a folder or list file; the id is the path below the folder."""
+  from imagebert_jax.detector.extract import list_images
+  paths, root = list_images(folder)
+  return [(p, os.path.relpath(p, root).replace(os.sep, "/")) for p in paths]
+
+
+def select(record, options: dict, max_regions: int):
+  """The regions the model sees, chosen as the training data's were (confidence threshold,
+  min and max boxes; at most the model's max_regions)."""
+  from imagebert_jax.data.records import RecordOptions, select_regions
+  opts = RecordOptions(feature_dim=record.features.shape[1],
+                       min_boxes=int(options.get("min_boxes", 10)),
+                       max_boxes=min(int(options.get("max_boxes", max_regions)), max_regions),
+                       conf_threshold=float(options.get("conf_threshold", 0.2)))
+  return select_regions(record, opts)
+
+
+def region_file_paths(spec: str) -> list[str]:
+  paths = []
+  for pattern in [s.strip() for s in spec.split(",") if s.strip()]:
+    found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+    if not found or not all(os.path.isfile(p) for p in found):
+      raise SearchError(f"--regions {pattern}: no such region file")
+    paths.extend(found)
+  return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# Building.
+# ------------------------------------------------------------------------------------------------
+def _source(args) -> dict:
+  given = [k for k in ("images", "regions", "dataset") if getattr(args, k)]
+  if len(given) != 1:
+    raise SearchError("give exactly one of --images, --regions or --dataset")
+  kind = given[0]
+  source = {"kind": kind, "spec": str(getattr(args, kind)), "image_root": args.image_root or ""}
+  if kind == "images":
+    if not args.detector_weights:
+      raise SearchError("--images needs --detector_weights (the region detector's weights)")
+    from imagebert_jax.detector import DetectorConfig
+    cfg = DetectorConfig()
+    if args.detector_config:
+      try:
+        cfg = DetectorConfig.from_dict(json.loads(epath.Path(args.detector_config).read_text()))
+      except (OSError, ValueError, TypeError) as e:
+        raise SearchError(f"--detector_config {args.detector_config}: {e}") from None
+    source["detector"] = {"weights": os.path.abspath(args.detector_weights),
+                          "config": cfg.to_dict()}
+  if kind == "dataset":
+    if not args.split:
+      raise SearchError("--dataset needs --split (the split to index)")
+    source["split"] = args.split
+  return source
+
+
+def _new_items(source: dict, done: set[str], max_regions: int, options: dict,
+               detector_batch: int, skipped: list) -> tuple[Iterator[Item], int]:
+  """(the images not in the index yet, their number)."""
+  kind = source["kind"]
+  if kind == "images":
+    from imagebert_jax.detector import DetectorConfig, WeightsError, load_detectron2_weights
+    from imagebert_jax.detector.extract import extract_regions
+    todo = [(p, i) for p, i in photo_items(source["spec"]) if i not in done]
+    cfg = DetectorConfig.from_dict(source["detector"]["config"])
+    try:
+      params = load_detectron2_weights(source["detector"]["weights"], cfg)
+    except (WeightsError, OSError) as e:
+      raise SearchError(f"--detector_weights: {e}") from None
+
+    def photos():
+      for path, key, record, error in extract_regions(todo, params, cfg,
+                                                      batch_size=detector_batch):
+        if record is None:
+          log.warning("skipping %s: %s", path, error)
+          skipped.append({"path": path, "id": key, "error": error})
+          yield None
+          continue
+        yield Item(key, path, select(record, options, max_regions))
+
+    return photos(), len(todo)
+  root = source["image_root"]
+  if kind == "regions":
+    from imagebert_jax.data.regionfile import count_records, read_region_file
+    files = region_file_paths(source["spec"])
+    total = sum(count_records(p) for p in files)
+
+    def regions():
+      for path in files:
+        for record in read_region_file(path):
+          if record.image_id not in done:
+            yield Item(record.image_id, find_image(root, record.image_id),
+                       select(record, options, max_regions))
+
+    return regions(), total - len(done)
+  from imagebert_jax.data import records
+  try:
+    info = records.read_info(source["spec"])
+  except FileNotFoundError as e:
+    raise SearchError(f"--dataset {e}") from None
+  if source["split"] not in info["splits"]:
+    raise SearchError(f"--dataset {source['spec']}: no split {source['split']!r}; it has "
+                      f"{sorted(info['splits'])}")
+  total = info["splits"][source["split"]]["records"]
+
+  def dataset():
+    for record in records.split_records(source["spec"], source["split"]):
+      if record.image_id not in done:
+        yield Item(record.image_id, find_image(root, record.image_id),
+                   select(record, options, max_regions))
+
+  return dataset(), total - len(done)
+
+
+def _part_arrays(model, items: list[Item]) -> dict[str, np.ndarray]:
+  records = [it.record for it in items]
+  feat, loc, count = model.pack(records)
+  r = model.cfg.max_regions
+  boxes = np.zeros((len(items), r, 4), np.float32)
+  for i, rec in enumerate(records):
+    boxes[i, :count[i]] = np.asarray(rec.boxes, np.float32)[:count[i]]
+  return {"image_ids": np.asarray([it.image_id for it in items]),
+          "paths": np.asarray([it.path for it in items]),
+          "embeddings": model.embed_images((feat, loc, count)).astype(np.float32),
+          "region_feat": feat, "boxes": boxes, "num_regions": count,
+          "image_w": np.asarray([rec.image_w for rec in records], np.int32),
+          "image_h": np.asarray([rec.image_h for rec in records], np.int32)}
+
+
+def build(args) -> dict:
+  from tqdm import tqdm
+  from imagebert_jax.inference import TrainedModel
+  source = _source(args)
+  index = Index(args.index)
+  manifest = index.manifest() if index.exists() else None
+  model_path = args.model or (manifest or {}).get("model", {}).get("source")
+  if not model_path:
+    raise SearchError("--model: give the run, stage or checkpoint folder of the model")
+  model = TrainedModel.load(model_path, stage=args.stage, batch_size=args.batch_size)
+  if manifest is None:
+    manifest = {"format": FORMAT, "model": model_entry(model), "source": source,
+                "created": time.strftime("%Y-%m-%d %H:%M:%S"), "skipped": []}
+    index.write_manifest(manifest)
+  else:
+    check_model(index, manifest, model)
+    same = lambda d: json.dumps({k: v for k, v in d.items() if k != "image_root"},
+                                sort_keys=True)
+    if same(manifest["source"]) != same(source):
+      raise SearchError(f"{index.folder} indexes {manifest['source']['kind']} "
+                        f"{manifest['source']['spec']}; use a new --index folder for "
+                        f"{source['kind']} {source['spec']}")
+  done = index.ids()
+  skipped: list = []
+  items, todo = _new_items(source, done, model.cfg.max_regions,
+                           model.stage_config.get("data_options", {}), args.detector_batch_size,
+                           skipped)
+  if args.max_images:
+    todo = min(todo, args.max_images)
+  log.info("%s: %d images already indexed, %d to do", index.folder, len(done), todo)
+  bar = tqdm(total=todo, unit="img", desc="indexing", smoothing=0.1, mininterval=1.0,
+             disable=args.no_progress)
+  pending: list[Item] = []
+  written = 0
+  parts = 0
+  started = time.time()
+  for item in items:
+    if item is not None:
+      pending.append(item)
+    bar.update(1)
+    if len(pending) >= args.part_size:
+      index.write_part(_part_arrays(model, pending))
+      written, parts, pending = written + len(pending), parts + 1, []
+    if args.max_images and written + len(pending) + len(skipped) >= args.max_images:
+      break
+  if pending:
+    index.write_part(_part_arrays(model, pending))
+    written, parts = written + len(pending), parts + 1
+  bar.close()
+  seconds = time.time() - started
+  if hasattr(items, "close"):
+    items.close()
+  manifest["skipped"] = [s for s in manifest.get("skipped", []) if s["id"] not in done
+                         and s["id"] not in {x["id"] for x in skipped}] + skipped
+  manifest["images"] = len(done) + written
+  index.write_manifest(manifest)
+  summary = {"index": str(index.folder), "written": written, "already": len(done),
+             "skipped": skipped, "parts": parts, "images": len(done) + written,
+             "images_per_s": written / max(seconds, 1e-9)}
+  print(f"{index.folder}: {summary['images']} images indexed ({written} new, {len(done)} "
+        f"before, {len(skipped)} skipped), {summary['images_per_s']:.2f} images/s", flush=True)
+  return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# Queries.
+# ------------------------------------------------------------------------------------------------
+def _read_lines(path: str) -> list[str]:
+  lines = [line.strip() for line in epath.Path(path).read_text().splitlines()]
+  return [line for line in lines if line and not line.startswith("#")]
+
+
+def _query_image(spec: str, data: IndexData, manifest: dict, args, model):
+  """(label, path, packed regions, boxes, w, h) of an --image: an id in the index, or
+  an image file (regions from the detector the index was built with, or --detector_weights)."""
+  if spec in data.image_ids:
+    i = data.image_ids.index(spec)
+    n = int(data.num_regions[i])
+    packed = (data.region_feat[i:i + 1], data.locations()[i:i + 1], data.num_regions[i:i + 1])
+    return spec, data.paths[i], packed, data.boxes[i, :n], int(data.image_w[i]), int(
+        data.image_h[i])
+  if not os.path.isfile(spec):
+    raise SearchError(f"--image {spec}: neither an image id of the index nor an image file")
+  detector = manifest["source"].get("detector")
+  weights = args.detector_weights or (detector or {}).get("weights")
+  if not weights:
+    raise SearchError(f"--image {spec}: a new image needs --detector_weights (the index was not "
+                      "built from images)")
+  from imagebert_jax.detector import DetectorConfig, load_detectron2_weights
+  from imagebert_jax.detector.extract import extract_regions
+  cfg = DetectorConfig.from_dict(detector["config"]) if detector else DetectorConfig()
+  if args.detector_config:
+    cfg = DetectorConfig.from_dict(json.loads(epath.Path(args.detector_config).read_text()))
+  params = load_detectron2_weights(weights, cfg)
+  (_, _, record, error), = list(extract_regions([(spec, spec)], params, cfg))
+  if record is None:
+    raise SearchError(f"--image {spec}: {error}")
+  record = select(record, model.stage_config.get("data_options", {}), model.cfg.max_regions)
+  packed = model.pack([record])
+  return spec, spec, packed, np.asarray(record.boxes), record.image_w, record.image_h
+
+
+def _result(hit, ident: str, extra: dict) -> dict:
+  return {"rank": hit.rank + 1, "id": ident, "score": hit.score, "itc_score": hit.itc_score,
+          "itc_rank": hit.itc_rank + 1, **extra}
+
+
+def query(args) -> dict:
+  from imagebert_jax.inference import TrainedModel, two_stage_rank
+  index = Index(args.index)
+  manifest = index.manifest()
+  texts = list(args.query or [])
+  for path in args.queries or []:
+    texts.extend(_read_lines(path))
+  if not texts and not args.image:
+    raise SearchError("nothing to ask: give --query, --queries or --image")
+  if args.image and not args.texts:
+    raise SearchError("--image needs --texts (a file of texts to rank, one per line)")
+  model = TrainedModel.load(args.model or manifest["model"]["source"], stage=args.stage,
+                            batch_size=args.batch_size)
+  check_model(index, manifest, model)
+  data = index.load()
+  out = {"index": str(index.folder), "model": model.source, "images": len(data),
+         "top_k": args.top_k, "rerank_k": args.rerank_k, "queries": []}
+  image_info: dict[str, dict] = {}
+  depth = max(args.top_k, args.rerank_k)
+
+  def info(ident, path, boxes, w, h):
+    image_info[ident] = {"path": path, "boxes": np.asarray(boxes).tolist(), "image_w": int(w),
+                         "image_h": int(h)}
+
+  if texts:
+    loc = data.locations()
+    t0 = time.time()
+    ids = model.tokenize(texts)
+    first = model.embed_texts(ids) @ data.embeddings.T
+    t1 = time.time()
+    cross = lambda q, j: model.score_pairs((data.region_feat[j], loc[j], data.num_regions[j]),
+                                           ids[q])
+    hits = two_stage_rank(first, cross, k=args.top_k, rerank_k=args.rerank_k)
+    t2 = time.time()
+    pairs = len(texts) * (len(data) if args.rerank_k <= 0 else min(args.rerank_k, len(data)))
+    for q, text in enumerate(texts):
+      order = np.argsort(-first[q], kind="stable")[:depth]
+      results = []
+      for h in hits[q]:
+        ident = data.image_ids[h.index]
+        info(ident, data.paths[h.index], data.boxes[h.index, :data.num_regions[h.index]],
+             data.image_w[h.index], data.image_h[h.index])
+        results.append(_result(h, ident, {"path": data.paths[h.index]}))
+      out["queries"].append({
+          "kind": "text", "query": text, "results": results,
+          "first_stage": [{"id": data.image_ids[j], "itc_score": float(first[q, j])}
+                          for j in order]})
+    out["timing"] = {"text_queries": len(texts), "first_stage_s": round(t1 - t0, 4),
+                     "cross_encoder_s": round(t2 - t1, 4), "pairs_scored": int(pairs)}
+  if args.image:
+    candidates = []
+    for path in args.texts:
+      candidates.extend(_read_lines(path))
+    if not candidates:
+      raise SearchError(f"--texts {', '.join(args.texts)}: no texts in it")
+    gallery = model.text_gallery(candidates)
+    for spec in args.image:
+      label, path, packed, boxes, w, h = _query_image(spec, data, manifest, args, model)
+      hits = model.rank_texts(packed, gallery, k=args.top_k, rerank_k=args.rerank_k)[0]
+      first = (model.embed_images(packed) @ gallery.embeddings.T)[0]
+      info(label, path, boxes, w, h)
+      out["queries"].append({
+          "kind": "image", "query": label, "path": path,
+          "results": [_result(h, candidates[h.index], {"text_index": h.index}) for h in hits],
+          "first_stage": [{"text": candidates[j], "itc_score": float(first[j])}
+                          for j in np.argsort(-first, kind="stable")[:depth]]})
+  if args.json:
+    epath.Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+  if args.html:
+    from imagebert_jax.report import write_report
+    write_report(args.html, out, image_info, boxes=args.boxes)
+  _print(out)
+  return out
+
+
+def _print(out: dict) -> None:
+  for q in out["queries"]:
+    print(f"{q['kind']} query: {q['query']}")
+    for r in q["results"]:
+      score = "-" if r["score"] is None else f"{r['score']:.3f}"
+      print(f"  {r['rank']:>3}. {r['id']}  (cross-encoder {score}, embeddings "
+            f"{r['itc_score']:.3f}, #{r['itc_rank']})")
+  sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------------------------
+# The command.
+# ------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m imagebert_jax.search",
+                              description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True)
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--index", required=True, help="The index folder (local or gs://).")
+  common.add_argument("--model", default="",
+                      help="Run, stage, checkpoints or step folder of the model (default: the "
+                           "one the index was built with).")
+  common.add_argument("--stage", default=None, help="With a run folder: the stage to load.")
+  common.add_argument("--batch_size", type=int, default=32, help="Pairs or images per call.")
+  common.add_argument("--detector_weights", default="",
+                      help="detectron2-format .pkl of the region detector (for image files).")
+  common.add_argument("--detector_config", default="",
+                      help="JSON file of DetectorConfig fields that differ from the public model.")
+  common.add_argument("--detector_batch_size", type=int, default=1,
+                      help="Images per detector call.")
+  b = sub.add_parser("index", parents=[common], help="Build or extend an index.")
+  b.add_argument("--images", default="", help="A folder of images (recursive) or a list file.")
+  b.add_argument("--regions", default="", help="Region files (.ibrf): paths or globs, commas.")
+  b.add_argument("--dataset", default="", help="A built dataset folder (with --split).")
+  b.add_argument("--split", default="", help="The dataset split to index.")
+  b.add_argument("--image_root", default="",
+                 help="Where the image files of region files or a dataset are (<id>.jpg ...), "
+                      "for the report's thumbnails.")
+  b.add_argument("--part_size", type=int, default=256, help="Images per part file.")
+  b.add_argument("--max_images", type=int, default=0,
+                 help="Index at most this many new images in this run (0: all).")
+  b.add_argument("--no_progress", action="store_true")
+  q = sub.add_parser("query", parents=[common], help="Ask the index.")
+  q.add_argument("--query", action="append", help="A text query (repeat for several).")
+  q.add_argument("--queries", action="append", help="A file of text queries, one per line.")
+  q.add_argument("--image", action="append",
+                 help="An image query: an image id of the index or an image file.")
+  q.add_argument("--texts", action="append", help="A file of texts to rank for --image.")
+  q.add_argument("--top_k", type=int, default=10)
+  q.add_argument("--rerank_k", type=int, default=16,
+                 help="Candidates per query the cross-encoder rescores (0: all).")
+  q.add_argument("--json", default="", help="Write the results here.")
+  q.add_argument("--html", default="", help="Write a self-contained HTML report here.")
+  q.add_argument("--boxes", action="store_true", help="Draw the region boxes in the report.")
+  args = p.parse_args(argv)
+  if args.batch_size < 1 or args.detector_batch_size < 1:
+    p.error("--batch_size and --detector_batch_size must be >= 1")
+  if args.command == "query" and (args.top_k < 1 or args.rerank_k < 0):
+    p.error("want --top_k >= 1 and --rerank_k >= 0")
+  if args.command == "index" and args.part_size < 1:
+    p.error("--part_size must be >= 1")
+  return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+  """Runs the command; returns its summary (build) or results (query). A problem the user can
+  fix is a SystemExit with one line."""
+  args = parse_args(argv)
+  from imagebert_jax.inference import RunConfigError
+  try:
+    return build(args) if args.command == "index" else query(args)
+  except (SearchError, RunConfigError) as e:
+    raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  main()
