@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagebert_jax import config_defaults, optim, parallel, train
+from imagebert_jax import config_defaults, optim, parallel, paths, train
 from imagebert_jax import state as state_lib
 from imagebert_jax.model import ModelConfig
 from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss
@@ -280,7 +280,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 
 def append_results(path: str, label: str, rows: list[dict[str, Any]]) -> None:
   import json
-  with open(path, "a", encoding="utf-8") as f:
+  with paths.open(path, "a", encoding="utf-8") as f:
     for r in rows:
       f.write(json.dumps({"label": label, **r}, default=str) + "\n")
 
@@ -289,7 +289,7 @@ def main(argv):
   del argv
   if _SUMMARY.value:
     import json
-    with open(_SUMMARY.value, encoding="utf-8") as f:
+    with paths.open(_SUMMARY.value, encoding="utf-8") as f:
       print(summary_table([json.loads(line) for line in f if line.strip()]))
     return
   if _CONFIG.value is None:

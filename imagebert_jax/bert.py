@@ -15,12 +15,11 @@ the checkpoint's end.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import numpy as np
 
+from imagebert_jax import paths
 from imagebert_jax.model.config import ModelConfig
 
 # config.json key -> ModelConfig field that must agree.
@@ -30,17 +29,16 @@ _MUST_MATCH = {"hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
 
 
 def read_config(path: str) -> dict:
-  cfg_path = os.path.join(path, "config.json")
-  if not os.path.isfile(cfg_path):
+  cfg_path = paths.join(path, "config.json")
+  if not paths.isfile(cfg_path):
     raise FileNotFoundError(f"no config.json in {path}")
-  with open(cfg_path) as f:
-    return json.load(f)
+  return paths.read_json(cfg_path)
 
 
 def _weights_file(path: str) -> str:
   for name in ("model.safetensors", "pytorch_model.bin"):
-    if os.path.isfile(os.path.join(path, name)):
-      return os.path.join(path, name)
+    if paths.isfile(paths.join(path, name)):
+      return paths.join(path, name)
   raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
 
 
@@ -70,16 +68,17 @@ def load_weights(path: str) -> dict[str, np.ndarray]:
   """The checkpoint's tensors as NumPy arrays, names without a `bert.` prefix."""
   file = _weights_file(path)
   if file.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    raw = load_file(file)
+    from safetensors.numpy import load
+    raw = load(paths.read_bytes(file))
   else:
     try:
       import torch
     except ImportError as e:
       raise ImportError(f"{file}: reading pytorch_model.bin needs PyTorch; install it or save "
                         "the checkpoint as model.safetensors") from e
-    raw = {k: v.float().numpy() if v.is_floating_point() else v.numpy()
-           for k, v in torch.load(file, map_location="cpu", weights_only=True).items()}
+    import io
+    state = torch.load(io.BytesIO(paths.read_bytes(file)), map_location="cpu", weights_only=True)
+    raw = {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
   out = {}
   for name, value in raw.items():
     name = name[len("bert."):] if name.startswith("bert.") else name

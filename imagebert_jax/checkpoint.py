@@ -9,18 +9,14 @@ appears whole or not at all.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 
-from imagebert_jax import parallel
+from imagebert_jax import parallel, paths
 from imagebert_jax.state import TrainState
 from imagebert_jax.validate import ConfigError
 
@@ -39,7 +35,7 @@ class Checkpointer:
   """Saves the steps the training loop asks for; keeps the newest `keep`."""
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -73,7 +69,7 @@ class Checkpointer:
     """
     wanted = _shapes(_as_dict(abstract))
     for step in sorted(self.all_steps(), reverse=True):
-      folder = os.path.join(self.directory, str(step), "state")
+      folder = paths.join(self.directory, str(step), "state")
       try:
         saved = tree_metadata(folder)
       except Exception:  # noqa: BLE001 - unreadable metadata: a damaged checkpoint
@@ -101,10 +97,10 @@ class Checkpointer:
 
   def _set_aside(self, step: int) -> None:
     if jax.process_index() == 0:
-      aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
-      os.makedirs(aside, exist_ok=True)
-      os.replace(os.path.join(self.directory, str(step)),
-                 os.path.join(aside, f"{step}-{int(time.time())}"))
+      aside = paths.join(paths.dirname(self.directory), "damaged_checkpoints")
+      paths.makedirs(aside)
+      paths.replace(paths.join(self.directory, str(step)),
+                    paths.join(aside, f"{step}-{int(time.time())}"))
     parallel.barrier(f"set_aside_{step}")
     self.manager.reload()
 
@@ -130,7 +126,7 @@ class BestCheckpoint:
   """
 
   def __init__(self, directory: str, metric: str):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)
     self.metric = metric
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
                                            best_fn=lambda m: m[metric], best_mode="max")
@@ -163,14 +159,14 @@ class BestCheckpoint:
 
 def has_checkpoint(directory: str) -> bool:
   """Whether a CheckpointManager folder holds at least one complete step."""
-  return os.path.isdir(directory) and any(
-      d.isdigit() and os.path.isdir(os.path.join(directory, d, "state"))
-      for d in os.listdir(directory))
+  return paths.isdir(directory) and any(
+      d.isdigit() and paths.isdir(paths.join(directory, d, "state"))
+      for d in paths.listdir(directory))
 
 
 def step_of(path: str) -> int | None:
   """The step of the checkpoint `state_dir(path)` resolves to (None when the path names none)."""
-  folder = os.path.basename(os.path.dirname(state_dir(path)))
+  folder = paths.basename(paths.dirname(state_dir(path)))
   return int(folder) if folder.isdigit() else None
 
 
@@ -226,16 +222,16 @@ def _restore_args(abstract) -> ocp.ArrayRestoreArgs:
 def state_dir(path: str) -> str:
   """The saved train state inside `path`: a CheckpointManager folder (its newest step), a step
   folder, or the state folder itself. Raises FileNotFoundError naming the path."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "state")):
-    return os.path.join(path, "state")
-  if os.path.isdir(path):
-    steps = sorted((int(d) for d in os.listdir(path) if d.isdigit()
-                    and os.path.isdir(os.path.join(path, d, "state"))), reverse=True)
+  path = paths.absolute(path)
+  if paths.isdir(paths.join(path, "state")):
+    return paths.join(path, "state")
+  if paths.isdir(path):
+    steps = sorted((int(d) for d in paths.listdir(path) if d.isdigit()
+                    and paths.isdir(paths.join(path, d, "state"))), reverse=True)
     if steps:
-      return os.path.join(path, str(steps[0]), "state")
-    if os.path.exists(os.path.join(path, "_METADATA")) or os.path.exists(
-        os.path.join(path, "manifest.ocdbt")):
+      return paths.join(path, str(steps[0]), "state")
+    if paths.exists(paths.join(path, "_METADATA")) or paths.exists(
+        paths.join(path, "manifest.ocdbt")):
       return path
   raise FileNotFoundError(f"{path}: no checkpoint there")
 
@@ -244,7 +240,7 @@ def tree_metadata(path: str) -> Any:
   """The saved tree's structure (shapes and dtypes, no data) of one checkpoint item folder."""
   # Read through the item handler: the checkpointer would also look for step metadata, which
   # lives one folder up, and warn that it is missing.
-  return ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
+  return ocp.PyTreeCheckpointHandler().metadata(paths.path(path)).tree
 
 
 def flatten_paths(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
@@ -301,39 +297,44 @@ class DataState:
   per checkpointed step: `<stage>/data_state/<step>/process_<i>/`."""
 
   def __init__(self, stage_dir: str):
-    self.directory = os.path.join(os.path.abspath(stage_dir), "data_state")
+    self.directory = paths.join(paths.absolute(stage_dir), "data_state")
 
   def _dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(int(step)), f"process_{jax.process_index():05d}")
+    return paths.join(self.directory, str(int(step)), f"process_{jax.process_index():05d}")
 
   def save(self, step: int, iterator: Any, pending_metrics: list[dict]) -> None:
+    """Whole or not at all: locally a temporary folder renamed when complete; on a bucket
+    (where a folder rename is a copy) the folder is written in place and its
+    pending_metrics.json, written last, says it is complete."""
     final = self._dir(step)
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    iterator.save(os.path.join(tmp, "iterator"))
-    with open(os.path.join(tmp, "pending_metrics.json"), "w") as f:
-      json.dump(pending_metrics, f)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # whole or not at all
+    tmp = final if paths.is_url(final) else final + ".tmp"
+    paths.rmtree(tmp)
+    paths.makedirs(tmp)
+    iterator.save(paths.join(tmp, "iterator"))
+    paths.write_json(paths.join(tmp, _COMPLETE), pending_metrics, indent=None)
+    if tmp != final:
+      paths.rmtree(final)
+      paths.replace(tmp, final)
 
   def has(self, step: int) -> bool:
-    return os.path.isdir(self._dir(step))
+    return paths.isfile(paths.join(self._dir(step), _COMPLETE))
 
   def restore(self, step: int, iterator: Any) -> list[dict] | None:
     """Restores the iterator; returns the pending metrics, or None when nothing was saved."""
     folder = self._dir(step)
     if not self.has(step):
       return None
-    iterator.restore(os.path.join(folder, "iterator"))
-    with open(os.path.join(folder, "pending_metrics.json")) as f:
-      return json.load(f)
+    iterator.restore(paths.join(folder, "iterator"))
+    return paths.read_json(paths.join(folder, _COMPLETE))
 
   def prune(self, keep_steps: list[int]) -> None:
     """Removes the states of steps that no longer have a checkpoint."""
-    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+    if jax.process_index() != 0 or not paths.isdir(self.directory):
       return
     keep = {str(int(s)) for s in keep_steps}
-    for name in os.listdir(self.directory):
+    for name in paths.listdir(self.directory):
       if name.isdigit() and name not in keep:
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        paths.rmtree(paths.join(self.directory, name))
+
+
+_COMPLETE = "pending_metrics.json"  # written last: a data-state folder without it is incomplete

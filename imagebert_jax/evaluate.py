@@ -20,11 +20,7 @@ images: the Flickr30k 1K test is its whole test split, so 'full' is that protoco
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import logging
-import os
-import shutil
 import time
 from typing import Any, Callable
 
@@ -35,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from imagebert_jax import parallel
+from imagebert_jax import parallel, paths
 
 KS = (1, 5, 10)
 
@@ -265,8 +261,8 @@ def score_all(params: Any, split: Split, graphdef: Any, mesh, rules, out_dir: st
               chunk_images: int = 64, progress: bool = True) -> np.ndarray:
   """The [images, captions] score matrix, chunk by chunk, resuming from saved chunks."""
   chunk_images = max(tile_images, (chunk_images // tile_images) * tile_images)
-  chunks_dir = os.path.join(out_dir, "chunks")
-  os.makedirs(chunks_dir, exist_ok=True)
+  chunks_dir = paths.join(out_dir, "chunks")
+  paths.makedirs(chunks_dir)
   n_img, n_cap = split.num_images, split.num_captions
   scorer = SplitScorer(split, graphdef, mesh, rules, pad_id=pad_id, tile_images=tile_images,
                        tile_captions=tile_captions)
@@ -289,9 +285,7 @@ def score_all(params: Any, split: Split, graphdef: Any, mesh, rules, out_dir: st
     rows = min(chunk_images, n_img - s)
     block = scorer.rows(params, s, s + rows)
     if jax.process_index() == 0:
-      path = _chunk_path(chunks_dir, s)
-      np.save(path + ".tmp.npy", block.astype(np.float32))
-      os.replace(path + ".tmp.npy", path)
+      paths.save_npy(_chunk_path(chunks_dir, s), block.astype(np.float32))  # whole or not at all
     bar.update(rows * n_cap)
   bar.close()
   parallel.barrier("eval_chunks")
@@ -299,7 +293,7 @@ def score_all(params: Any, split: Split, graphdef: Any, mesh, rules, out_dir: st
   if pairs_left:
     logging.info("Scored %s pairs in %.1fs: %.0f pairs/s", f"{pairs_left:,}", elapsed,
                  pairs_left / max(elapsed, 1e-9))
-  return np.concatenate([np.load(_chunk_path(chunks_dir, s)) for s in starts], axis=0)
+  return np.concatenate([paths.load_npy(_chunk_path(chunks_dir, s)) for s in starts], axis=0)
 
 
 @jax.jit
@@ -318,23 +312,21 @@ def _finished_chunks(chunks_dir: str, starts: list[int], manifest: dict) -> set[
   Chunks left by another evaluation in the folder are removed. Process 0 decides and every
   process follows its decision.
   """
-  path = os.path.join(chunks_dir, "manifest.json")
+  path = paths.join(chunks_dir, "manifest.json")
   done = np.zeros(len(starts), bool)
   if jax.process_index() == 0:
     previous = None
-    if os.path.exists(path):
-      with open(path) as f:
-        previous = json.load(f)
+    if paths.exists(path):
+      previous = paths.read_json(path)
     if previous != manifest:
-      stale = glob.glob(os.path.join(chunks_dir, "rows-*.npy"))
+      stale = paths.glob(paths.join(chunks_dir, "rows-*.npy"))
       if stale:
         logging.warning("Removing %d score chunks of another evaluation from %s", len(stale),
                         chunks_dir)
       for p in stale:
-        os.remove(p)
-      with open(path, "w") as f:
-        json.dump(manifest, f)
-    done = np.array([os.path.exists(_chunk_path(chunks_dir, s)) for s in starts], bool)
+        paths.remove(p)
+      paths.write_json(path, manifest, indent=None)
+    done = np.array([paths.exists(_chunk_path(chunks_dir, s)) for s in starts], bool)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     done = np.asarray(multihost_utils.broadcast_one_to_all(done))
@@ -342,7 +334,7 @@ def _finished_chunks(chunks_dir: str, starts: list[int], manifest: dict) -> set[
 
 
 def _chunk_path(chunks_dir: str, start: int) -> str:
-  return os.path.join(chunks_dir, f"rows-{start:07d}.npy")
+  return paths.join(chunks_dir, f"rows-{start:07d}.npy")
 
 
 def all_protocol_metrics(scores: np.ndarray, caption_image: np.ndarray, order: np.ndarray,
@@ -362,13 +354,11 @@ def write_results(out_dir: str, scores: np.ndarray, split: Split, metrics: dict,
   """scores.npy, caption_image.npy, image_ids.json and metrics.json (process 0)."""
   if jax.process_index() != 0:
     return
-  np.save(os.path.join(out_dir, "scores.npy"), scores.astype(np.float32))
-  np.save(os.path.join(out_dir, "caption_image.npy"), split.caption_image.astype(np.int32))
-  with open(os.path.join(out_dir, "image_ids.json"), "w") as f:
-    json.dump(split.image_ids, f)
-  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-    json.dump({**metrics, **extra}, f, indent=1)
-  shutil.rmtree(os.path.join(out_dir, "chunks"), ignore_errors=True)
+  paths.save_npy(paths.join(out_dir, "scores.npy"), scores.astype(np.float32))
+  paths.save_npy(paths.join(out_dir, "caption_image.npy"), split.caption_image.astype(np.int32))
+  paths.write_json(paths.join(out_dir, "image_ids.json"), split.image_ids, indent=None)
+  paths.write_json(paths.join(out_dir, "metrics.json"), {**metrics, **extra})
+  paths.rmtree(paths.join(out_dir, "chunks"))
 
 
 def format_metrics(rows: dict[str, dict[str, float]]) -> str:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+from imagebert_jax import paths
 
 
 class JsonlWriter:
@@ -23,8 +24,8 @@ class JsonlWriter:
   def __init__(self, path: str, stage: str):
     self.path = path
     self.stage = stage
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    self._f = open(path, "a", encoding="utf-8")
+    paths.makedirs(paths.dirname(path) or ".")
+    self._f = paths.open(path, "a", encoding="utf-8")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     row = {"stage": self.stage, "step": int(step)}
@@ -77,7 +78,7 @@ class Writer:
     writers = [metric_writers.create_default_writer(
         workdir if main else None, just_logging=not main, asynchronous=False, collection=stage)]
     if main:
-      writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl"), stage))
+      writers.append(JsonlWriter(paths.join(workdir, "metrics.jsonl"), stage))
     self.writer = metric_writers.MultiWriter(writers)
 
   def scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -156,5 +157,5 @@ def mean_metrics(history: list[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
+  with paths.open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]

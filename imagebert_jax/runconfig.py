@@ -26,6 +26,7 @@ from typing import Any
 
 from etils import epath
 
+from imagebert_jax import paths
 from imagebert_jax.model.config import ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -49,11 +50,9 @@ def _plain(value: Any) -> Any:
 
 
 def _write_json(path: epath.Path, value: dict) -> None:
-  """Whole or not at all: written beside, then renamed."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(value, indent=1, sort_keys=False) + "\n")
-  tmp.replace(path)
+  """Whole or not at all (imagebert_jax.paths.write_text)."""
+  paths.makedirs(str(path.parent))
+  paths.write_text(str(path), json.dumps(value, indent=1, sort_keys=False) + "\n")
 
 
 def write_run_config(config: Any, workdir: str) -> epath.Path:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import io
 import json
 import logging
@@ -40,6 +39,8 @@ from typing import Any, Iterator
 
 import numpy as np
 from etils import epath
+
+from imagebert_jax import paths
 
 log = logging.getLogger("imagebert_jax.search")
 
@@ -97,10 +98,8 @@ class Index:
     return json.loads(self.manifest_path.read_text())
 
   def write_manifest(self, value: dict) -> None:
-    self.folder.mkdir(parents=True, exist_ok=True)
-    tmp = self.folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    tmp.replace(self.manifest_path)
+    paths.makedirs(str(self.folder))
+    paths.write_text(str(self.manifest_path), json.dumps(value, indent=1) + "\n")
 
   def parts(self) -> list[epath.Path]:
     folder = self.folder / PARTS
@@ -120,17 +119,15 @@ class Index:
     return out
 
   def write_part(self, arrays: dict[str, np.ndarray]) -> epath.Path:
-    """The next part, whole or not at all (written beside, then renamed)."""
+    """The next part, whole or not at all (imagebert_jax.paths.write_bytes)."""
     folder = self.folder / PARTS
-    folder.mkdir(parents=True, exist_ok=True)
+    paths.makedirs(str(folder))
     existing = self.parts()
     number = int(existing[-1].name[5:11]) + 1 if existing else 0
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     path = folder / f"part-{number:06d}.npz"
-    tmp = folder / f"tmp-{number:06d}.npz"
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(path)
+    paths.write_bytes(str(path), buffer.getvalue())
     return path
 
   def load(self) -> IndexData:
@@ -180,8 +177,8 @@ def find_image(root: str, image_id: str) -> str:
   if not root:
     return ""
   for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
-    path = os.path.join(root, image_id + ext)
-    if os.path.isfile(path):
+    path = paths.join(root, image_id + ext)
+    if paths.isfile(path):
       return path
   return ""
 
@@ -189,8 +186,8 @@ def find_image(root: str, image_id: str) -> str:
 def photo_items(folder: str) -> list[tuple[str, str]]:
   """(path, id) of the images of a folder or list file; the id is the path below the folder."""
   from imagebert_jax.detector.extract import list_images
-  paths, root = list_images(folder)
-  return [(p, os.path.relpath(p, root).replace(os.sep, "/")) for p in paths]
+  images, root = list_images(folder)
+  return [(p, paths.relative_to(p, root)) for p in images]
 
 
 def select(record, options: dict, max_regions: int):
@@ -205,13 +202,13 @@ def select(record, options: dict, max_regions: int):
 
 
 def region_file_paths(spec: str) -> list[str]:
-  paths = []
+  out = []
   for pattern in [s.strip() for s in spec.split(",") if s.strip()]:
-    found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-    if not found or not all(os.path.isfile(p) for p in found):
+    found = paths.glob(pattern) if any(c in pattern for c in "*?[") else [pattern]
+    if not found or not all(paths.isfile(p) for p in found):
       raise SearchError(f"--regions {pattern}: no such region file")
-    paths.extend(found)
-  return paths
+    out.extend(found)
+  return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,7 +230,7 @@ def _source(args) -> dict:
         cfg = DetectorConfig.from_dict(json.loads(epath.Path(args.detector_config).read_text()))
       except (OSError, ValueError, TypeError) as e:
         raise SearchError(f"--detector_config {args.detector_config}: {e}") from None
-    source["detector"] = {"weights": os.path.abspath(args.detector_weights),
+    source["detector"] = {"weights": paths.absolute(args.detector_weights),
                           "config": cfg.to_dict()}
   if kind == "dataset":
     if not args.split:
@@ -396,7 +393,7 @@ def _query_image(spec: str, data: IndexData, manifest: dict, args, model):
     packed = (data.region_feat[i:i + 1], data.locations()[i:i + 1], data.num_regions[i:i + 1])
     return spec, data.paths[i], packed, data.boxes[i, :n], int(data.image_w[i]), int(
         data.image_h[i])
-  if not os.path.isfile(spec):
+  if not paths.isfile(spec):
     raise SearchError(f"--image {spec}: neither an image id of the index nor an image file")
   detector = manifest["source"].get("detector")
   weights = args.detector_weights or (detector or {}).get("weights")

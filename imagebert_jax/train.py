@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 from typing import Any
@@ -24,7 +24,7 @@ import numpy as np
 from imagebert_jax import checkpoint as ckpt_lib
 from imagebert_jax import metrics as metrics_lib
 from imagebert_jax import monitor as monitor_lib
-from imagebert_jax import optim, parallel, runconfig
+from imagebert_jax import optim, parallel, paths, runconfig
 from imagebert_jax import state as state_lib
 from imagebert_jax.model import ModelConfig
 from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss
@@ -48,12 +48,16 @@ def prepare_data(config: ml_collections.ConfigDict, data: ml_collections.ConfigD
   data_dir = data.dir
   syn = data.synthetic
   if syn.enabled:
-    data_dir = data_dir or os.path.join(workdir, "synthetic_data")
+    data_dir = data_dir or paths.join(workdir, "synthetic_data")
     feature_dim = syn.feature_dim or config.model.region_feature_dim
     if jax.process_index() == 0 and syn.kind == "scenes":
       from imagebert_jax.data import realistic
       splits = {"train": syn.train_images, "val": syn.val_images, "test": syn.eval_images}
-      realistic.build(data_dir, os.path.join(workdir, "synthetic_source"),
+      source = paths.join(workdir, "synthetic_source")
+      if paths.is_url(source):  # the generator writes local files; the dataset may be anywhere
+        source = os.path.join(tempfile.gettempdir(), "imagebert_synthetic_source",
+                              paths.absolute(source).replace("://", "/"))
+      realistic.build(data_dir, source,
                       {k: v for k, v in splits.items() if v},
                       realistic.RealisticSpec(seed=config.seed, feature_dim=feature_dim,
                                               min_regions=syn.min_regions,
@@ -75,7 +79,7 @@ def prepare_data(config: ml_collections.ConfigDict, data: ml_collections.ConfigD
   dirs = pipeline.data_dirs(data_dir)
   # validate() checked that every folder is a dataset built with the same vocabulary.
   info = records.read_info(dirs[0])
-  vocab = config.text.vocab_file or os.path.join(dirs[0], info.get("vocab_file", "vocab.txt"))
+  vocab = config.text.vocab_file or records.vocab_path(dirs[0], info)
   return data_dir, vocab
 
 
@@ -110,19 +114,15 @@ def make_mesh(config: ml_collections.ConfigDict):
 
 
 def stage_done(workdir: str, name: str) -> dict | None:
-  path = os.path.join(workdir, name, DONE_FILE)
-  if os.path.isfile(path):
-    with open(path) as f:
-      return json.load(f)
+  path = paths.join(workdir, name, DONE_FILE)
+  if paths.isfile(path):
+    return paths.read_json(path)
   return None
 
 
 def mark_done(workdir: str, name: str, info: dict) -> None:
   if jax.process_index() == 0:
-    path = os.path.join(workdir, name, DONE_FILE)
-    with open(path + ".tmp", "w") as f:
-      json.dump(info, f, indent=1)
-    os.replace(path + ".tmp", path)
+    paths.write_json(paths.join(workdir, name, DONE_FILE), info)  # whole or not at all
 
 
 def describe_stage(config: ml_collections.ConfigDict, name: str, workdir: str,
@@ -140,7 +140,7 @@ def describe_stage(config: ml_collections.ConfigDict, name: str, workdir: str,
 def describe_finished_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
   """A stage finished by an older run, before stages described themselves, gets its config.json
   from the config of the run that finds it (the checkpoint's shapes are checked when loaded)."""
-  if os.path.exists(os.path.join(workdir, name, runconfig.CONFIG_FILE)):
+  if paths.exists(paths.join(workdir, name, runconfig.CONFIG_FILE)):
     return
   from imagebert_jax.data.tokenizer import special_ids
   data_dir, vocab = prepare_data(config, config.stages[name].data, workdir)
@@ -167,10 +167,10 @@ def init_source(stage: ml_collections.ConfigDict, workdir: str) -> str:
   if init.checkpoint:
     return init.checkpoint
   if init.from_stage:
-    best = os.path.join(workdir, init.from_stage, ckpt_lib.BEST_DIR)
+    best = paths.join(workdir, init.from_stage, ckpt_lib.BEST_DIR)
     if init.select == "best" and ckpt_lib.has_checkpoint(best):
       return best
-    return os.path.join(workdir, init.from_stage, "checkpoints")
+    return paths.join(workdir, init.from_stage, "checkpoints")
   return ""
 
 
@@ -286,7 +286,7 @@ def retrieval_validation(stage: ml_collections.ConfigDict, name: str, data_dir: 
                split.num_captions)
   scorer = eval_lib.SplitScorer(split, spec.graphdef, spec.mesh, spec.rules, pad_id=ids.pad_id,
                                 tile_images=val.tile_images, tile_captions=val.tile_captions)
-  best = ckpt_lib.BestCheckpoint(os.path.join(stage_dir, ckpt_lib.BEST_DIR), "rsum")
+  best = ckpt_lib.BestCheckpoint(paths.join(stage_dir, ckpt_lib.BEST_DIR), "rsum")
 
   def validate(params, step: int) -> dict[str, float]:
     scores = scorer.rows(params, 0, split.num_images)
@@ -359,8 +359,8 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
   """Runs (or resumes) one training stage; returns its summary."""
   stage = config.stages[name]
   kind = stage.kind
-  stage_dir = os.path.join(workdir, name)
-  os.makedirs(stage_dir, exist_ok=True)
+  stage_dir = paths.join(workdir, name)
+  paths.makedirs(stage_dir)
   tcfg = stage.train
 
   # ---- Data -------------------------------------------------------------------------------
@@ -396,7 +396,7 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
   spec = state_lib.state_spec(model_cfg, tx, mesh, rules, seed=config.seed)
 
   # ---- Checkpoint: resume, or start (from another stage's parameters when asked) ------------
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"),
+  checkpointer = ckpt_lib.Checkpointer(paths.join(stage_dir, "checkpoints"),
                                        keep=tcfg.keep_checkpoints)
   data_state = ckpt_lib.DataState(stage_dir)
   state, latest = checkpointer.restore_latest(spec.abstract)
@@ -561,8 +561,8 @@ def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -
   from imagebert_jax.data import pipeline
   from imagebert_jax.data.tokenizer import special_ids
   stage = config.stages[name]
-  out_dir = os.path.join(workdir, name)
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = paths.join(workdir, name)
+  paths.makedirs(out_dir)
   pipeline.hide_gpus_from_tf()
   data_dir, vocab = prepare_data(config, stage.data, workdir)
   ids = special_ids(vocab)
@@ -659,7 +659,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   built or compiled.
   """
   validate(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if jax.process_index() == 0:
     runconfig.write_run_config(config, workdir)  # workdir/config.json: the run as it ran
   results = {}

@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
-import shutil
 import time
 from typing import Any
 
@@ -33,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from imagebert_jax import evaluate as eval_lib
-from imagebert_jax import parallel
+from imagebert_jax import parallel, paths
 
 RERANK_CHUNKS = "rerank_chunks"
 
@@ -229,8 +227,8 @@ def score_pairs(params: Any, split: eval_lib.Split, pairs: np.ndarray, graphdef:
   arrays = tuple(parallel.replicated_array(x, mesh) for x in (
       split.region_feat, split.region_loc, split.num_regions, split.text_ids))
   jitted = _pair_scorer(graphdef, mesh, rules, pad_id)
-  chunks_dir = os.path.join(out_dir, RERANK_CHUNKS)
-  os.makedirs(chunks_dir, exist_ok=True)
+  chunks_dir = paths.join(out_dir, RERANK_CHUNKS)
+  paths.makedirs(chunks_dir)
   total = len(pairs)
   starts = list(range(0, total, chunk))
   done = eval_lib._finished_chunks(chunks_dir, starts, {
@@ -257,15 +255,13 @@ def score_pairs(params: Any, split: eval_lib.Split, pairs: np.ndarray, graphdef:
         scores.append(jitted(params, arrays, img, cap))
     block = np.concatenate([np.asarray(jax.device_get(x)) for x in scores])[:rows]
     if jax.process_index() == 0:
-      path = eval_lib._chunk_path(chunks_dir, s)
-      np.save(path + ".tmp.npy", block.astype(np.float32))
-      os.replace(path + ".tmp.npy", path)
+      paths.save_npy(eval_lib._chunk_path(chunks_dir, s), block.astype(np.float32))
     bar.update(rows)
   bar.close()
   parallel.barrier("rerank_chunks")
   if not starts:
     return np.zeros((0,), np.float32)
-  return np.concatenate([np.load(eval_lib._chunk_path(chunks_dir, s)) for s in starts])
+  return np.concatenate([paths.load_npy(eval_lib._chunk_path(chunks_dir, s)) for s in starts])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,7 +303,7 @@ def evaluate_split(params: Any, split: eval_lib.Split, graphdef: Any, mesh, rule
     metrics, by_protocol = plan_metrics(pl, first, scores, split.caption_image)
     parallel.barrier("rerank_chunks_read")  # every process has read them: now they can go
     if jax.process_index() == 0:
-      shutil.rmtree(os.path.join(out_dir, RERANK_CHUNKS), ignore_errors=True)
+      paths.rmtree(paths.join(out_dir, RERANK_CHUNKS))
     scored = len(pairs)
   else:
     t1 = time.time()
@@ -335,4 +331,4 @@ def evaluate_split(params: Any, split: eval_lib.Split, graphdef: Any, mesh, rule
 
 def write_itc_scores(out_dir: str, itc_scores: np.ndarray) -> None:
   if jax.process_index() == 0:
-    np.save(os.path.join(out_dir, "itc_scores.npy"), itc_scores.astype(np.float32))
+    paths.save_npy(paths.join(out_dir, "itc_scores.npy"), itc_scores.astype(np.float32))

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from typing import Any
 
 import jax
 import ml_collections
 
-from imagebert_jax import config_defaults
+from imagebert_jax import config_defaults, paths
 from imagebert_jax.evaluate import PROTOCOL_IMAGES, PROTOCOLS, protocol_names
 from imagebert_jax.model.config import ModelConfig
 
@@ -61,7 +60,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
       dataclasses.replace(model, vocab_size=1).validate()
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  if config.text.vocab_file and not os.path.isfile(config.text.vocab_file):
+  if config.text.vocab_file and not paths.isfile(config.text.vocab_file):
     raise ConfigError(f"config.text.vocab_file={config.text.vocab_file!r}: no such file")
 
   # Mesh and devices.
@@ -94,10 +93,9 @@ def run_names(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def _digest(path: str) -> str | None:
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     return None
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+  return hashlib.sha256(paths.read_bytes(path)).hexdigest()
 
 
 def _validate_data(config, stage, where: str, kind: str, model: ModelConfig) -> None:
@@ -138,7 +136,7 @@ def _validate_data(config, stage, where: str, kind: str, model: ModelConfig) -> 
       raise ConfigError(f"{where}.eval.protocol={stage.eval.protocol!r} needs {need} images; "
                         f"{split!r} of {dirs[0]} gives {images}")
   # One vocabulary: the one the datasets were tokenized with.
-  vocabs = {d: _digest(os.path.join(d, info.get("vocab_file", "vocab.txt")))
+  vocabs = {d: _digest(records.vocab_path(d, info))
             for d, info in infos.items()}
   known = {v for v in vocabs.values() if v}
   if len(known) > 1:
@@ -279,8 +277,8 @@ def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: 
       raise ConfigError(f"{where}.init.checkpoint={init.checkpoint!r}: no checkpoint there") \
           from None
   elif init.from_stage:
-    if init.from_stage not in earlier and not os.path.isdir(
-        os.path.join(workdir, init.from_stage, "checkpoints")):
+    if init.from_stage not in earlier and not paths.isdir(
+        paths.join(workdir, init.from_stage, "checkpoints")):
       raise ConfigError(f"{where}.init.from_stage={init.from_stage!r}: that stage neither runs "
                         f"before this one nor has checkpoints in {workdir}")
   if init.bert:

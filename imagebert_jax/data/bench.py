@@ -15,6 +15,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
+from imagebert_jax import paths
 from imagebert_jax.data import build as build_lib
 from imagebert_jax.data import pipeline, records
 from imagebert_jax.data.regionfile import RegionFileWriter, RegionRecord
@@ -34,15 +35,15 @@ _THREADS = flags.DEFINE_integer("threadpool_size", 0, "tf.data private threads (
 def make_dataset(out_dir: str, images: int, regions: int = 100, dim: int = 2048,
                  captions: int = 5, words: int = 38, seed: int = 0) -> str:
   """A base-shape dataset with random features and 40-token captions; returns its folder."""
-  if os.path.isfile(os.path.join(out_dir, records.INFO_FILE)):
+  if paths.isfile(paths.join(out_dir, records.INFO_FILE)):
     return out_dir
-  os.makedirs(os.path.join(out_dir, "source"), exist_ok=True)
-  vocab = os.path.join(out_dir, "vocab.txt")
+  paths.makedirs(paths.join(out_dir, "source"))
+  vocab = paths.join(out_dir, "vocab.txt")
   write_vocab(vocab, [f"w{i}" for i in range(1000)])
   rng = np.random.default_rng(seed)
-  reg_path = os.path.join(out_dir, "source", "regions.ibrf")
-  cap_path = os.path.join(out_dir, "source", "captions.jsonl")
-  with RegionFileWriter(reg_path) as w, open(cap_path, "w") as c:
+  reg_path = paths.join(out_dir, "source", "regions.ibrf")
+  cap_path = paths.join(out_dir, "source", "captions.jsonl")
+  with RegionFileWriter(reg_path) as w, paths.open(cap_path, "w") as c:
     for i in range(images):
       xy = rng.uniform(0, 400, (regions, 2))
       w.write(RegionRecord(
@@ -77,9 +78,9 @@ def measure(cfg: pipeline.PipelineConfig, batches: int, warmup: int = 5) -> dict
 
 def main(argv):
   del argv
-  data_dir = _DATA.value or make_dataset(os.path.join(_WORK.value, "data"), _IMAGES.value)
+  data_dir = _DATA.value or make_dataset(paths.join(_WORK.value, "data"), _IMAGES.value)
   info = records.read_info(data_dir)
-  vocab = os.path.join(data_dir, info["vocab_file"])  # an absolute path stays as it is
+  vocab = records.vocab_path(data_dir, info)
   ids = special_ids(vocab)
   cfg = pipeline.PipelineConfig(
       data_dir=data_dir, split=_SPLIT.value, batch_size=_BATCH.value,

@@ -18,6 +18,7 @@ import time
 import zlib
 from typing import Iterable
 
+from imagebert_jax import paths
 from imagebert_jax.data import builder, captions as captions_lib, formats, records
 from imagebert_jax.data.regionfile import RegionRecord
 from imagebert_jax.data.tokenizer import Tokenizer
@@ -51,17 +52,17 @@ def shard_of(image_id: str, num_shards: int) -> int:
   return zlib.crc32(image_id.encode("utf-8")) % num_shards
 
 
-def _has_labels(spec: BuildSpec, paths: list[str]) -> bool:
+def _has_labels(spec: BuildSpec, region_paths: list[str]) -> bool:
   """Whether the region source carries class labels (decided before anything is written)."""
   fmt = spec.region_format
   if fmt in formats.LABELLED:
     return formats.LABELLED[fmt]
-  for path in paths:
+  for path in region_paths:
     kind = formats.detect_format(path)
     if kind != "tsv":
       return formats.LABELLED[kind]
     try:
-      with open(path, "rb") as f:
+      with paths.open(path, "rb") as f:
         return len(f.readline().split(b"\t")) == len(formats.D2_FIELDS)
     except OSError:
       continue
@@ -71,10 +72,10 @@ def _has_labels(spec: BuildSpec, paths: list[str]) -> bool:
 def build_dataset(spec: BuildSpec, *, finalize: bool | None = None) -> dict:
   """Writes this shard of every split; finalises when there is one shard (or when asked)."""
   start = time.time()
-  paths = formats.expand_paths(spec.regions)
-  if not paths:
+  region_paths = formats.expand_paths(spec.regions)
+  if not region_paths:
     raise ValueError(f"--regions {spec.regions}: no files")
-  has_labels = _has_labels(spec, paths)
+  has_labels = _has_labels(spec, region_paths)
   if not has_labels:
     logging.warning("%s: the region features carry no object class labels (bottom-up-attention "
                     "TSV): masked object classification will be turned off for this dataset",
@@ -82,11 +83,12 @@ def build_dataset(spec: BuildSpec, *, finalize: bool | None = None) -> dict:
   opts = _record_options(spec, has_labels)
   tokenizer = Tokenizer(spec.vocab_file, max_len=spec.max_text_len)
   report = builder.BuildReport()
-  os.makedirs(spec.out_dir, exist_ok=True)
+  paths.makedirs(spec.out_dir)
 
   # ---- Captions: this shard's, into an on-disk index ------------------------------------------
+  # Beside the dataset when it is local (it can be large); in the temporary folder otherwise.
   fd, index_path = tempfile.mkstemp(prefix=f".{spec.name}-captions-", suffix=".sqlite",
-                                    dir=spec.out_dir)
+                                    dir=None if paths.is_url(spec.out_dir) else spec.out_dir)
   os.close(fd)
   index = captions_lib.CaptionIndex(index_path)
   splits: set[str] = set()
@@ -112,7 +114,7 @@ def build_dataset(spec: BuildSpec, *, finalize: bool | None = None) -> dict:
              for s in sorted(splits)}
   n_items = 0
   try:
-    for where, item in formats.read_regions(paths, spec.region_format, spec.feature_dim):
+    for where, item in formats.read_regions(region_paths, spec.region_format, spec.feature_dim):
       n_items += 1
       if isinstance(item, formats.Problem):
         report.skip(item.reason, item.message)
@@ -181,6 +183,16 @@ def _record_options(spec: BuildSpec, has_object_labels: bool) -> records.RecordO
       class_probs_dim=spec.class_probs_dim)
 
 
+def keep_vocab(vocab_file: str, out_dir: str) -> str:
+  """Copies the vocabulary into the dataset's folder (unless it is there already) and returns its
+  name there: the summary names it relative to the folder, so the folder can be moved or copied
+  to a bucket whole."""
+  kept = paths.join(out_dir, records.VOCAB_FILE)
+  if paths.absolute(vocab_file) != paths.absolute(kept):
+    paths.write_bytes(kept, paths.read_bytes(vocab_file))
+  return records.VOCAB_FILE
+
+
 def finalize_dataset(spec: BuildSpec) -> dict:
   """Checks all shards are there; writes TFDS metadata and the summary; prints the report."""
   shard_reports = builder.read_shard_reports(spec.out_dir, spec.name)
@@ -190,10 +202,11 @@ def finalize_dataset(spec: BuildSpec) -> dict:
   for r in shard_reports:
     skipped.update(r["skipped"])
   info = builder.finalize(spec.out_dir, spec.name, opts, extra_info={
-      "vocab_file": os.path.abspath(spec.vocab_file), "max_text_len": spec.max_text_len,
+      "vocab_file": keep_vocab(spec.vocab_file, spec.out_dir), "max_text_len": spec.max_text_len,
       "skipped": dict(skipped), "image_id_mode": spec.image_id_mode,
       "sources": {"regions": spec.regions, "captions": spec.captions,
-                  "caption_source": spec.caption_source}, **spec.extra_info})
+                  "caption_source": spec.caption_source, "vocab_file": spec.vocab_file},
+      **spec.extra_info})
   kept = {s: (v["records"], v["pairs"]) for s, v in info["splits"].items()}
   print(f"{spec.name}: kept " + ", ".join(f"{s}: {r} images / {p} pairs"
                                           for s, (r, p) in sorted(kept.items())))
@@ -202,46 +215,89 @@ def finalize_dataset(spec: BuildSpec) -> dict:
   return info
 
 
+def _flags():
+  """The command's flags, on a FlagValues of their own (so the command can be parsed more than
+  once in a process, as the tests do)."""
+  from absl import flags
+
+  fv = flags.FlagValues()
+  flags.DEFINE_string("name", None, "Dataset name (file prefix).", flag_values=fv)
+  flags.DEFINE_string("out_dir", None, "Output folder (a local folder or a bucket URL).",
+                      flag_values=fv)
+  flags.DEFINE_list("regions", [], "Region-feature files, globs or folders.", flag_values=fv)
+  flags.DEFINE_enum("region_format", "auto", ["auto"] + list(formats.FORMATS),
+                    "Region format; auto: by extension (.tsv both TSV layouts, .npz, .ibrf).",
+                    flag_values=fv)
+  flags.DEFINE_list("captions", [], "Caption files (sbu: captions file, then URLs file).",
+                    flag_values=fv)
+  flags.DEFINE_enum("caption_source", "jsonl", list(captions_lib.SOURCES), "Caption format.",
+                    flag_values=fv)
+  flags.DEFINE_string("split", "train", "Split of sources that name none (cc, sbu, jsonl).",
+                      flag_values=fv)
+  flags.DEFINE_string("vocab_file", None, "BERT vocab.txt (WordPiece, uncased); copied into the "
+                      "dataset's folder.", flag_values=fv)
+  flags.DEFINE_integer("max_text_len", 44, "Token budget per caption, [CLS] and [SEP] included.",
+                       flag_values=fv)
+  flags.DEFINE_integer("feature_dim", 2048, "Region feature dimension.", flag_values=fv)
+  flags.DEFINE_integer("min_boxes", 10, "Fewest regions kept per image.", flag_values=fv)
+  flags.DEFINE_integer("max_boxes", 100, "Most regions kept per image.", flag_values=fv)
+  flags.DEFINE_float("conf_threshold", 0.2, "Regions at or above this confidence are kept.",
+                     flag_values=fv)
+  flags.DEFINE_integer("class_probs_dim", 0, "Store the detector's class distribution of this "
+                       "many classes (0: do not); the KL variant of MOC needs it.",
+                       flag_values=fv)
+  flags.DEFINE_enum("image_id_mode", "none", ["none", "trailing_int"],
+                    "How ids are matched between regions and captions.", flag_values=fv)
+  flags.DEFINE_integer("shard_index", 0, "This machine's shard.", flag_values=fv)
+  flags.DEFINE_integer("num_shards", 1, "Shards in all (one per machine).", flag_values=fv)
+  flags.DEFINE_bool("finalize_only", False, "Only check the shards and write the metadata.",
+                    flag_values=fv)
+  flags.mark_flags_as_required(["name", "out_dir", "vocab_file"], flag_values=fv)
+  return fv
+
+
+def parse_command(argv: list[str]) -> tuple[BuildSpec, bool]:
+  """(the build, whether to finalise only) of a command line (argv[0] is the program)."""
+  f = _flags()
+  f(list(argv))
+  spec = BuildSpec(
+      name=f.name, out_dir=f.out_dir, regions=f.regions, captions=f.captions,
+      caption_source=f.caption_source, region_format=f.region_format, split=f.split,
+      vocab_file=f.vocab_file, max_text_len=f.max_text_len, feature_dim=f.feature_dim,
+      min_boxes=f.min_boxes, max_boxes=f.max_boxes, conf_threshold=f.conf_threshold,
+      class_probs_dim=f.class_probs_dim, image_id_mode=f.image_id_mode,
+      shard_index=f.shard_index, num_shards=f.num_shards)
+  return spec, f.finalize_only
+
+
+def run_command(argv: list[str]) -> dict:
+  """Runs a command line: builds this shard (and finalises), or only finalises."""
+  spec, finalize_only = parse_command(argv)
+  return finalize_dataset(spec) if finalize_only else build_dataset(spec)
+
+
 def main(argv: Iterable[str] | None = None) -> None:
+  """`python -m imagebert_jax.data.build` (the command imagebert-build)."""
+  import sys
+
   from absl import app, flags
 
-  f = flags.FLAGS
-  flags.DEFINE_string("name", None, "Dataset name (file prefix).")
-  flags.DEFINE_string("out_dir", None, "Output folder.")
-  flags.DEFINE_list("regions", [], "Region-feature files, globs or folders.")
-  flags.DEFINE_enum("region_format", "auto", ["auto"] + list(formats.FORMATS),
-                    "Region format; auto: by extension (.tsv both TSV layouts, .npz, .ibrf).")
-  flags.DEFINE_list("captions", [], "Caption files (sbu: captions file, then URLs file).")
-  flags.DEFINE_enum("caption_source", "jsonl", list(captions_lib.SOURCES), "Caption format.")
-  flags.DEFINE_string("split", "train", "Split of sources that name none (cc, sbu, jsonl).")
-  flags.DEFINE_string("vocab_file", None, "BERT vocab.txt (WordPiece, uncased).")
-  flags.DEFINE_integer("max_text_len", 44, "Token budget per caption, [CLS] and [SEP] included.")
-  flags.DEFINE_integer("feature_dim", 2048, "Region feature dimension.")
-  flags.DEFINE_integer("min_boxes", 10, "Fewest regions kept per image.")
-  flags.DEFINE_integer("max_boxes", 100, "Most regions kept per image.")
-  flags.DEFINE_float("conf_threshold", 0.2, "Regions at or above this confidence are kept.")
-  flags.DEFINE_integer("class_probs_dim", 0, "Store the detector's class distribution of this "
-                       "many classes (0: do not); the KL variant of MOC needs it.")
-  flags.DEFINE_enum("image_id_mode", "none", ["none", "trailing_int"],
-                    "How ids are matched between regions and captions.")
-  flags.DEFINE_integer("shard_index", 0, "This machine's shard.")
-  flags.DEFINE_integer("num_shards", 1, "Shards in all (one per machine).")
-  flags.DEFINE_bool("finalize_only", False, "Only check the shards and write the metadata.")
-  flags.mark_flags_as_required(["name", "out_dir", "vocab_file"])
+  def parse(args):
+    try:
+      parsed = parse_command(args)
+    except flags.Error as e:
+      sys.exit(f"{e}\nflags: {' '.join('--' + n for n in _flags())}")
+    flags.FLAGS(args[:1])  # absl's own flags keep their defaults
+    return parsed
 
-  def run(_):
-    spec = BuildSpec(
-        name=f.name, out_dir=f.out_dir, regions=f.regions, captions=f.captions,
-        caption_source=f.caption_source, region_format=f.region_format, split=f.split,
-        vocab_file=f.vocab_file, max_text_len=f.max_text_len, feature_dim=f.feature_dim,
-        min_boxes=f.min_boxes, max_boxes=f.max_boxes, conf_threshold=f.conf_threshold,
-        class_probs_dim=f.class_probs_dim, image_id_mode=f.image_id_mode, shard_index=f.shard_index, num_shards=f.num_shards)
-    if f.finalize_only:
+  def run(parsed):
+    spec, finalize_only = parsed
+    if finalize_only:
       finalize_dataset(spec)
     else:
       build_dataset(spec)
 
-  app.run(run, argv=argv)
+  app.run(run, argv=list(argv) if argv is not None else None, flags_parser=parse)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
-import json
 import logging
-import os
 import re
 import time
 from typing import Any
 
+from imagebert_jax import paths
 from imagebert_jax.data import records
 
 _REPORT = re.compile(r"^(?P<name>.+)-(?P<split>[^-]+)\.report-(?P<i>\d{5})-of-(?P<n>\d{5})\.json$")
@@ -28,11 +26,11 @@ MAX_MESSAGES = 200
 
 
 def shard_path(out_dir: str, name: str, split: str, index: int, num_shards: int) -> str:
-  return os.path.join(out_dir, f"{name}-{split}.tfrecord-{index:05d}-of-{num_shards:05d}")
+  return paths.join(out_dir, f"{name}-{split}.tfrecord-{index:05d}-of-{num_shards:05d}")
 
 
 def report_path(out_dir: str, name: str, split: str, index: int, num_shards: int) -> str:
-  return os.path.join(out_dir, f"{name}-{split}.report-{index:05d}-of-{num_shards:05d}.json")
+  return paths.join(out_dir, f"{name}-{split}.report-{index:05d}-of-{num_shards:05d}.json")
 
 
 @dataclasses.dataclass
@@ -82,7 +80,7 @@ class ShardWriter:
 
     if not 0 <= shard_index < num_shards:
       raise ValueError(f"shard_index={shard_index} is not in [0, num_shards={num_shards})")
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
     self.out_dir, self.name, self.split = out_dir, name, split
     self.index, self.num_shards = shard_index, num_shards
     self.opts = opts
@@ -108,12 +106,14 @@ class ShardWriter:
 
   def close(self) -> BuildReport:
     self._writer.close()
-    os.replace(self._tmp, self._path)  # the shard appears whole or not at all
+    # The shard appears whole or not at all (on a bucket the rename is a copy, and the shard's
+    # report, written after it, is what finalize looks for).
+    paths.replace(self._tmp, self._path)
     self.report.seconds = time.time() - self._start
-    with open(report_path(self.out_dir, self.name, self.split, self.index, self.num_shards),
-              "w") as f:
-      json.dump({"split": self.split, "shard_index": self.index, "num_shards": self.num_shards,
-                 **self.report.to_json()}, f, indent=1)
+    paths.write_json(report_path(self.out_dir, self.name, self.split, self.index,
+                                 self.num_shards),
+                     {"split": self.split, "shard_index": self.index,
+                      "num_shards": self.num_shards, **self.report.to_json()})
     logging.info("%s %s shard %d/%d done in %.1fs: %s", self.name, self.split, self.index,
                  self.num_shards, self.report.seconds, self.report.summary())
     return self.report
@@ -129,23 +129,20 @@ class ShardWriter:
 
 
 def _shard_report_path(out_dir: str, name: str, index: int, num_shards: int) -> str:
-  return os.path.join(out_dir, f"{name}.build-{index:05d}-of-{num_shards:05d}.json")
+  return paths.join(out_dir, f"{name}.build-{index:05d}-of-{num_shards:05d}.json")
 
 
 def write_shard_report(out_dir: str, name: str, index: int, num_shards: int,
                        report: BuildReport, extra: dict | None = None) -> None:
   """What one build shard kept and skipped over all splits (finalize sums these)."""
-  with open(_shard_report_path(out_dir, name, index, num_shards), "w") as f:
-    json.dump({"shard_index": index, "num_shards": num_shards, **report.to_json(),
-               **(extra or {})}, f, indent=1)
+  paths.write_json(_shard_report_path(out_dir, name, index, num_shards),
+                   {"shard_index": index, "num_shards": num_shards, **report.to_json(),
+                    **(extra or {})})
 
 
 def read_shard_reports(out_dir: str, name: str) -> list[dict]:
-  paths = sorted(glob.glob(os.path.join(out_dir, f"{name}.build-*-of-*.json")))
-  reports = []
-  for path in paths:
-    with open(path) as f:
-      reports.append(json.load(f))
+  reports = [paths.read_json(p)
+             for p in paths.glob(paths.join(out_dir, f"{name}.build-*-of-*.json"))]
   if not reports:
     raise ValueError(f"{out_dir}: no build reports for dataset {name!r}; build its shards first")
   n = reports[0]["num_shards"]
@@ -161,22 +158,21 @@ def finalize(out_dir: str, name: str, opts: records.RecordOptions, *,
   """Checks every shard is present and writes the TFDS metadata and the dataset summary."""
   import tensorflow_datasets as tfds
 
-  others = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "*.tfrecord-*"))
-                  if not os.path.basename(p).startswith(f"{name}-"))[:3]
+  others = sorted(paths.basename(p) for p in paths.glob(paths.join(out_dir, "*.tfrecord-*"))
+                  if not paths.basename(p).startswith(f"{name}-"))[:3]
   if others:
     raise ValueError(f"{out_dir}: holds the records of other datasets too ({others}); give each "
                      "dataset a folder of its own")
   reports: dict[str, dict[int, dict]] = collections.defaultdict(dict)
   expected: dict[str, int] = {}
-  for path in sorted(glob.glob(os.path.join(out_dir, f"{name}-*.report-*-of-*.json"))):
-    m = _REPORT.match(os.path.basename(path))
+  for path in paths.glob(paths.join(out_dir, f"{name}-*.report-*-of-*.json")):
+    m = _REPORT.match(paths.basename(path))
     if not m or m["name"] != name:
       continue
     split, i, n = m["split"], int(m["i"]), int(m["n"])
     if expected.setdefault(split, n) != n:
       raise ValueError(f"{path}: split {split} has shards of both {expected[split]} and {n}")
-    with open(path) as f:
-      reports[split][i] = json.load(f)
+    reports[split][i] = paths.read_json(path)
   if not reports:
     raise ValueError(f"{out_dir}: no shard reports for dataset {name!r}; nothing was built")
   split_infos, summary = [], {}
@@ -199,8 +195,7 @@ def finalize(out_dir: str, name: str, opts: records.RecordOptions, *,
       filename_template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}", check_data=False,
       description="ImageBERT region-feature dataset: one record per image with its captions.")
   info = {"name": name, "options": opts.to_json(), "splits": summary, **(extra_info or {})}
-  with open(os.path.join(out_dir, records.INFO_FILE), "w") as f:
-    json.dump(info, f, indent=1)
+  paths.write_json(paths.join(out_dir, records.INFO_FILE), info)
   for split, s in summary.items():
     logging.info("dataset %s split %s: %d records, %d pairs", name, split, s["records"],
                  s["pairs"])

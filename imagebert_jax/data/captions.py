@@ -25,6 +25,7 @@ import re
 import sqlite3
 from typing import Iterator, Union
 
+from imagebert_jax import paths as paths_lib
 from imagebert_jax.data.formats import Problem, canonical_id
 
 SOURCES = ("karpathy", "cc", "sbu", "jsonl")
@@ -43,7 +44,7 @@ Item = Union[Caption, Problem]
 
 def _open(path: str):
   try:
-    return open(path, encoding="utf-8", errors="replace")
+    return paths_lib.open(path, encoding="utf-8", errors="replace")
   except OSError as e:
     raise FileNotFoundError(f"{path}: cannot open the caption file ({e.strerror})") from e
 
@@ -129,7 +130,18 @@ def read_jsonl(path: str, split: str) -> Iterator[Item]:
       yield Caption(image_id, str(obj.get("split", split)), caption)
 
 
+def expand_caption_paths(patterns: list[str]) -> list[str]:
+  """Caption files named by paths or globs (`pairs-*.jsonl`), in order: each glob's matches
+  sorted; a name that matches nothing is kept, and reported when opened."""
+  out = []
+  for pattern in patterns:
+    matches = paths_lib.glob(pattern) if any(c in pattern for c in "*?[") else []
+    out.extend(matches or [pattern])
+  return out
+
+
 def read_captions(source: str, paths: list[str], split: str = "train") -> Iterator[Item]:
+  paths = expand_caption_paths(paths)
   if source == "karpathy":
     for p in paths:
       yield from read_karpathy(p)

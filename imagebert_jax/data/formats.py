@@ -25,13 +25,14 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import glob
+import io
 import os
 import re
 from typing import Iterable, Iterator, Union
 
 import numpy as np
 
+from imagebert_jax import paths as paths_lib
 from imagebert_jax.data import regionfile
 from imagebert_jax.data.regionfile import RegionRecord
 
@@ -60,11 +61,10 @@ def expand_paths(patterns: Iterable[str]) -> list[str]:
   """Files named by paths, globs or folders (a folder's files, recursively), sorted, unique."""
   out = []
   for pattern in patterns:
-    if os.path.isdir(pattern):
-      out.extend(p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
-                 if os.path.isfile(p))
+    if paths_lib.isdir(pattern):
+      out.extend(paths_lib.walk_files(pattern))
     else:
-      matches = glob.glob(pattern)
+      matches = paths_lib.glob(pattern)
       out.extend(matches if matches else [pattern])  # a missing file is reported when read
   return sorted(dict.fromkeys(out))
 
@@ -92,7 +92,7 @@ def _b64(field: str, dtype, count: int, width: int | None, what: str):
 def read_tsv(path: str) -> Iterator[tuple[str, Item]]:
   """Both TSV layouts, told apart by their number of fields."""
   try:
-    f = open(path, "rb")
+    f = paths_lib.open(path, "rb")
   except OSError as e:
     yield path, Problem("unreadable_file", f"{path}: cannot open ({e.strerror})")
     return
@@ -151,11 +151,11 @@ def _parse_tsv_line(line: bytes, where: str) -> Item:
 
 
 def read_uniter_npz(path: str) -> Iterator[tuple[str, Item]]:
-  image_id = os.path.basename(path)[:-len(".npz")] if path.endswith(".npz") else \
-      os.path.basename(path)
+  image_id = paths_lib.basename(path)[:-len(".npz")] if path.endswith(".npz") else \
+      paths_lib.basename(path)
   where = f"{path} (image {image_id})"
   try:
-    with np.load(path) as z:
+    with np.load(io.BytesIO(paths_lib.read_bytes(path)) if paths_lib.is_url(path) else path) as z:
       arrays = {k: z[k] for k in ("features", "norm_bb", "conf", "soft_labels") if k in z}
   except Exception as e:  # noqa: BLE001 - a zip or pickle error: the file is damaged
     yield where, Problem("unreadable_file", f"{where}: cannot read ({type(e).__name__}: {e})")

@@ -30,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+from imagebert_jax import paths
 from imagebert_jax.data.regionfile import RegionRecord
 
 INFO_FILE = "imagebert_dataset.json"
@@ -126,12 +127,25 @@ def make_example(record: RegionRecord, captions: Sequence[str],
 
 def read_info(data_dir: str) -> dict:
   """The dataset's summary (options, vocabulary, counts), written when a build is finalised."""
-  path = os.path.join(data_dir, INFO_FILE)
-  if not os.path.isfile(path):
+  path = paths.join(data_dir, INFO_FILE)
+  if not paths.isfile(path):
     raise FileNotFoundError(f"{data_dir}: not an ImageBERT dataset (no {INFO_FILE}); build it "
                             "with imagebert_jax.data.build first")
-  with open(path) as f:
-    return json.load(f)
+  return paths.read_json(path)
+
+
+VOCAB_FILE = "vocab.txt"  # the vocabulary a dataset was tokenized with, kept in its folder
+
+
+def vocab_path(data_dir: str, info: dict | None = None) -> str:
+  """The vocabulary file of a dataset: its summary's `vocab_file`, relative to the dataset's
+  folder (so the folder can be moved or copied to a bucket); datasets built before the
+  vocabulary was kept with them name an absolute path, used as it is."""
+  info = read_info(data_dir) if info is None else info
+  name = info.get("vocab_file", VOCAB_FILE)
+  if paths.is_url(name) or os.path.isabs(name):
+    return name
+  return paths.join(data_dir, name)
 
 
 def split_records(data_dir: str, split: str):

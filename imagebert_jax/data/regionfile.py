@@ -37,11 +37,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
+import tempfile
 import zlib
 from typing import Iterator
 
 import msgpack
 import numpy as np
+
+from imagebert_jax import paths
 
 MAGIC = b"IBRF\x01\n"
 _LEN = struct.Struct("<Q")
@@ -152,16 +155,28 @@ class RegionFileWriter:
   def __init__(self, path: str, *, append: bool = False):
     self.path = path
     self.existing_ids: set[str] = set()
-    if append and os.path.exists(path) and os.path.getsize(path) > 0:
+    # A file in a bucket is written locally and uploaded whole at every flush and at the end
+    # (objects cannot be appended to or truncated); a resumed one is downloaded first.
+    self._upload = paths.is_url(path)
+    local = path
+    if self._upload:
+      fd, local = tempfile.mkstemp(suffix=".ibrf")
+      os.close(fd)
+      if append and paths.exists(path):
+        paths.copy(path, local)
+      else:
+        os.remove(local)
+    self._local = local
+    if append and os.path.exists(local) and os.path.getsize(local) > 0:
       good_end = len(MAGIC)
-      for record, end in _scan(path, stop_at_damage=True):
+      for record, end in _scan(local, stop_at_damage=True):
         self.existing_ids.add(record.image_id)
         good_end = end
-      with open(path, "r+b") as f:
+      with open(local, "r+b") as f:
         f.truncate(good_end)
-      self._f = open(path, "ab")
+      self._f = open(local, "ab")
     else:
-      self._f = open(path, "wb")
+      self._f = open(local, "wb")
       self._f.write(MAGIC)
 
   def write(self, record: RegionRecord) -> None:
@@ -173,11 +188,16 @@ class RegionFileWriter:
   def flush(self) -> None:
     self._f.flush()
     os.fsync(self._f.fileno())
+    if self._upload:
+      paths.copy(self._local, self.path)
 
   def close(self) -> None:
     if not self._f.closed:
       self._f.flush()
       self._f.close()
+      if self._upload:
+        paths.copy(self._local, self.path)
+        os.remove(self._local)
 
   def __enter__(self) -> "RegionFileWriter":
     return self
@@ -188,7 +208,7 @@ class RegionFileWriter:
 
 def _scan(path: str, *, stop_at_damage: bool) -> Iterator[tuple[RegionRecord, int]]:
   """Yields (record, end offset). Raises RegionFileError on damage unless stop_at_damage."""
-  with open(path, "rb") as f:
+  with paths.open(path, "rb") as f:
     if f.read(len(MAGIC)) != MAGIC:
       raise RegionFileError(f"{path}: not a region file (bad magic header)")
     index = 0
@@ -237,10 +257,10 @@ def count_records(path: str) -> int:
   """The number of whole records in a region file, found by skipping from length to length
   (the payloads are not read or checked)."""
   count = 0
-  with open(path, "rb") as f:
+  end = paths.getsize(path)
+  with paths.open(path, "rb") as f:
     if f.read(len(MAGIC)) != MAGIC:
       raise RegionFileError(f"{path}: not a region file (bad magic header)")
-    end = os.fstat(f.fileno()).st_size
     while True:
       head = f.read(_LEN.size)
       if len(head) < _LEN.size:

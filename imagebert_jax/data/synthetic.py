@@ -16,10 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 
 import numpy as np
 
+from imagebert_jax import paths
 from imagebert_jax.data import build as build_lib
 from imagebert_jax.data import records
 from imagebert_jax.data.regionfile import RegionFileWriter, RegionRecord
@@ -154,8 +154,8 @@ def build(out_dir: str, splits: dict[str, int], spec: SyntheticSpec = SyntheticS
   tokenizes and writes, exactly as it does real data. Does nothing if a finished dataset with the
   same settings is already there.
   """
-  os.makedirs(out_dir, exist_ok=True)
-  vocab_file = os.path.join(out_dir, "vocab.txt")
+  paths.makedirs(out_dir)
+  vocab_file = paths.join(out_dir, "vocab.txt")
   wanted = _jsonable({"spec": dataclasses.asdict(spec), "splits": splits,
                       "max_text_len": max_text_len})
   try:
@@ -166,11 +166,11 @@ def build(out_dir: str, splits: dict[str, int], spec: SyntheticSpec = SyntheticS
     pass
   write_vocab(vocab_file, vocabulary())
   gen = SceneGenerator(spec)
-  source_dir = os.path.join(out_dir, "source")
-  os.makedirs(source_dir, exist_ok=True)
-  regions_path = os.path.join(source_dir, "regions.ibrf")
-  captions_path = os.path.join(source_dir, "captions.jsonl")
-  with RegionFileWriter(regions_path) as regions, open(captions_path, "w") as caps:
+  source_dir = paths.join(out_dir, "source")
+  paths.makedirs(source_dir)
+  regions_path = paths.join(source_dir, "regions.ibrf")
+  captions_path = paths.join(source_dir, "captions.jsonl")
+  with RegionFileWriter(regions_path) as regions, paths.open(captions_path, "w") as caps:
     for s_index, (split, count) in enumerate(sorted(splits.items())):
       rng = np.random.default_rng([spec.seed, s_index])
       for i in range(count):

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
 from typing import Sequence
 
 import numpy as np
+
+from imagebert_jax import paths
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _RESERVED = re.compile(r"^\[[^\]]+\]$")  # [PAD], [unused0], ...: never drawn as a random token
@@ -31,10 +32,10 @@ class SpecialIds:
 
 
 def read_vocab(path: str) -> list[str]:
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise FileNotFoundError(f"config.text.vocab_file: no such file: {path}")
-  with open(path, encoding="utf-8") as f:
-    tokens = [line.rstrip("\n") for line in f]
+  text = paths.read_text(path).replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads
+  tokens = (text[:-1] if text.endswith("\n") else text).split("\n") if text else []
   if tokens and tokens[-1] == "":
     tokens.pop()
   return tokens
@@ -65,7 +66,10 @@ class Tokenizer:
     self.vocab_file = vocab_file
     self.ids = special_ids(vocab_file)
     self.max_len = max_len
-    self._tok = BertWordPieceTokenizer(vocab_file, lowercase=lowercase)
+    # A vocabulary in a bucket is handed over as {token: id}; a local one by its path.
+    vocab = ({t: i for i, t in enumerate(read_vocab(vocab_file))} if paths.is_url(vocab_file)
+             else vocab_file)
+    self._tok = BertWordPieceTokenizer(vocab, lowercase=lowercase)
     self._tok.enable_truncation(max_length=max_len)
 
   def encode(self, text: str) -> np.ndarray:
@@ -81,10 +85,9 @@ class Tokenizer:
 def write_vocab(path: str, words: Sequence[str]) -> None:
   """A BERT-layout vocabulary: the special tokens first, then `words` (for the synthetic demo)."""
   seen = set(SPECIAL_TOKENS)
-  with open(path, "w", encoding="utf-8") as f:
-    for t in SPECIAL_TOKENS:
-      f.write(t + "\n")
-    for w in words:
-      if w not in seen:
-        seen.add(w)
-        f.write(w + "\n")
+  lines = list(SPECIAL_TOKENS)
+  for w in words:
+    if w not in seen:
+      seen.add(w)
+      lines.append(w)
+  paths.write_text(path, "".join(t + "\n" for t in lines))

@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 
+from imagebert_jax import paths
 from imagebert_jax.detector.config import DetectorConfig
 from imagebert_jax.detector.model import compiled_detector, init_params
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
   print(f"images/s: {result['images_per_s']:.3f} (boxes per image: {result['boxes_per_image']})")
   if args.results:
     import json
-    with open(args.results, "a", encoding="utf-8") as f:
+    with paths.open(args.results, "a", encoding="utf-8") as f:
       f.write(json.dumps({"label": args.label, "mode": "detect", "batch": result["batch_size"],
                           "step_ms": 1000 * sum(result["step_s"]) / len(result["step_s"]),
                           "images_per_s": result["images_per_s"]}) + "\n")

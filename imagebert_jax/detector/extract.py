@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator
 import jax
 import numpy as np
 
+from imagebert_jax import paths
 from imagebert_jax.data.regionfile import RegionRecord
 from imagebert_jax.detector.config import DetectorConfig
 from imagebert_jax.detector.model import compiled_detector
@@ -27,40 +28,41 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 def list_images(spec: str) -> tuple[list[str], str]:
   """Sorted image paths of a folder (recursive) or a list file, and the root for relative ids."""
-  if os.path.isdir(spec):
-    root = os.path.abspath(spec)
-    found = []
-    for folder, dirs, files in os.walk(root):
-      dirs.sort()
-      for name in files:
-        if name.lower().endswith(IMAGE_EXTENSIONS):
-          found.append(os.path.join(folder, name))
-    return sorted(found, key=lambda path: os.path.relpath(path, root)), root
-  if not os.path.isfile(spec):
+  if paths.isdir(spec):
+    root = paths.absolute(spec)
+    if paths.is_url(root):
+      found = [p for p in paths.walk_files(root) if p.lower().endswith(IMAGE_EXTENSIONS)]
+    else:
+      found = []
+      for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in files:
+          if name.lower().endswith(IMAGE_EXTENSIONS):
+            found.append(os.path.join(folder, name))
+    return sorted(found, key=lambda path: paths.relative_to(path, root)), root
+  if not paths.isfile(spec):
     raise SystemExit(f"--images {spec}: no such folder or list file")
-  root = os.path.dirname(os.path.abspath(spec))
-  paths = []
-  with open(spec, encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if line and not line.startswith("#"):
-        paths.append(line if os.path.isabs(line) else os.path.join(root, line))
-  return sorted(set(paths)), root
+  root = paths.dirname(paths.absolute(spec))
+  images = []
+  for line in paths.read_text(spec).splitlines():
+    line = line.strip()
+    if line and not line.startswith("#"):
+      images.append(line if os.path.isabs(line) or paths.is_url(line) else paths.join(root, line))
+  return sorted(set(images)), root
 
 
 def image_id(path: str, root: str, mode: str) -> str:
   """'stem': the file name without extension; 'relpath': the path below `root` without it."""
   if mode == "stem":
-    return os.path.splitext(os.path.basename(path))[0]
-  rel = os.path.splitext(os.path.relpath(path, root))[0]
-  return rel.replace(os.sep, "/")
+    return os.path.splitext(paths.basename(path))[0]
+  return os.path.splitext(paths.relative_to(path, root))[0]
 
 
-def assign_ids(paths: list[str], root: str, mode: str) -> list[tuple[str, str]]:
+def assign_ids(images: list[str], root: str, mode: str) -> list[tuple[str, str]]:
   """(path, id) pairs; raises SystemExit naming the first two images that share an id."""
   seen: dict[str, str] = {}
   out = []
-  for path in paths:
+  for path in images:
     key = image_id(path, root, mode)
     if key in seen:
       hint = " (try --id_from relpath)" if mode == "stem" else ""

@@ -10,10 +10,12 @@ detector compiles once per canvas.
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from imagebert_jax import paths
 from imagebert_jax.detector.config import DetectorConfig
 
 
@@ -31,7 +33,7 @@ class PreparedImage:
 
 def load_image(path: str) -> np.ndarray:
   """Decodes an image file to RGB uint8 [H, W, 3] (EXIF orientation applied); raises on failure."""
-  with Image.open(path) as img:
+  with Image.open(io.BytesIO(paths.read_bytes(path)) if paths.is_url(path) else path) as img:
     img.load()
     img = ImageOps.exif_transpose(img)
     rgb = np.asarray(img.convert("RGB"))

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from imagebert_jax import paths
 from imagebert_jax.detector.boxes import cell_anchors
 from imagebert_jax.detector.config import DetectorConfig
 from imagebert_jax.detector.model import Params, module_specs
@@ -64,7 +65,7 @@ def _to_numpy(value: Any) -> np.ndarray:
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """The name -> array mapping stored in a detectron2 .pkl (or a plain pickled state dict)."""
   try:
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
       data = pickle.load(f, encoding="latin1")
   except FileNotFoundError:
     raise WeightsError(f"weights {path}: no such file") from None
