@@ -1,7 +1,13 @@
-"""Runs an ImageBERT config: `python -m imagebert_jax.main --config configs/demo.py --workdir DIR`.
+"""Runs an ImageBERT config: `python -m imagebert_jax.main --config configs/demo.py --workdir DIR`
+(also the command `imagebert-train`).
 
 Without --config it runs the synthetic demo (configs/demo.py). Any field can be overridden:
-`--config.stages.pretrain.train.num_steps=100`.
+`--config.stages.pretrain.train.num_steps=100`. The work directory may be a bucket URL
+(`gs://bucket/runs/x`): that is how the hosts of a TPU VM slice share checkpoints.
+
+Several processes: JAX's own cluster detection starts the runtime (Cloud TPU VMs, SLURM, Open
+MPI, ...); --coordinator_address, --num_processes and --process_id (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID) override it (imagebert_jax/distributed.py).
 """
 
 import logging as logging_lib
@@ -11,12 +17,29 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                     "demo.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEMO, "The run's config file.",
+
+def _demo_config() -> str | None:
+  """configs/demo.py of the checkout the package runs from (an editable install, or none);
+  None where the package was installed without its checkout (--config is then required)."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "demo.py")
+  return path if os.path.isfile(path) else None
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", _demo_config(), "The run's config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/imagebert_demo",
-                               "Where checkpoints, metrics and TensorBoard events go.")
+                               "Where checkpoints, metrics and TensorBoard events go: a local "
+                               "folder or a bucket URL (gs://...).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "Several processes: host:port of process 0 (overrides "
+    "JAX_COORDINATOR_ADDRESS and JAX's cluster detection).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 0, "Several processes: how many (overrides JAX_NUM_PROCESSES and JAX's "
+    "cluster detection; 0: not given).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", -1, "Several processes: this one's index (overrides JAX_PROCESS_ID and JAX's "
+    "cluster detection; -1: not given).")
 
 
 class _QuietLibraries(logging_lib.Filter):
@@ -29,10 +52,16 @@ class _QuietLibraries(logging_lib.Filter):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required (e.g. configs/demo.py of the checkout)")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax
   from imagebert_jax import distributed, train
-  distributed.initialize()
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    logging.error("%s", e)
+    sys.exit(2)
   # TensorFlow only reads data here: keep it off the accelerators.
   from imagebert_jax.data.pipeline import hide_gpus_from_tf
   hide_gpus_from_tf()
@@ -49,5 +78,10 @@ def main(argv):
     sys.exit(2)
 
 
-if __name__ == "__main__":
+def command() -> None:
+  """The console command `imagebert-train`."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  command()

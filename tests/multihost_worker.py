@@ -3,6 +3,8 @@
   python tests/multihost_worker.py <process_id> <num_processes> <port> <devices_per_process>
       <workdir> <mode>
 
+The runtime starts through imagebert_jax.distributed from the environment the test sets.
+
 mode 'train': 3 training steps, mesh data 4 x fsdp 2, on global batches that every process builds
 from its own share of the rows through parallel.global_batch (as training does from its input
 pipeline); prints the losses, saves a checkpoint to <workdir>/ckpt (written by every process), then
@@ -25,10 +27,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 
+from imagebert_jax import distributed  # noqa: E402
+
 if nproc > 1:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=nproc,
-                             process_id=pid)
+# As main starts it: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID come from the
+# test; process 1's JAX_PROCESS_ID is wrong on purpose and its --process_id (the argument here)
+# overrides it. One process: no settings, nothing started.
+STARTED = distributed.initialize(process_id=pid if pid == 1 else -1)
+assert STARTED == (nproc > 1) and jax.process_index() == pid and jax.process_count() == nproc
 
 import functools  # noqa: E402
 import types  # noqa: E402

@@ -27,10 +27,18 @@ def free_port() -> int:
 def run(num_processes: int, workdir: str, mode: str) -> list[dict]:
   devices = 8 // num_processes
   port = free_port()
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")
+         and not k.startswith(("JAX_", "SLURM_", "OMPI_", "TPU_"))}
+
+  def settings(p):  # process 1 is given a wrong id here; its argument overrides it
+    if num_processes == 1:
+      return {}
+    return {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+            "JAX_NUM_PROCESSES": str(num_processes), "JAX_PROCESS_ID": str(0 if p == 1 else p)}
+
   procs = [subprocess.Popen([sys.executable, WORKER, str(p), str(num_processes), str(port),
                              str(devices), workdir, mode], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+                            stderr=subprocess.STDOUT, text=True, env={**env, **settings(p)})
            for p in range(num_processes)]
   results = []
   for proc in procs:
