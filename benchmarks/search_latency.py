@@ -1,6 +1,6 @@
 """Time two-stage search against scoring every candidate, at a real model's shape.
 
-    python benchmarks/search_latency.py --config configs/imagebert_base.py \\
+    python -m benchmarks.search_latency --config configs/imagebert_base.py \\
         --vocab_file bert-base-uncased/vocab.txt --images 200 --out /tmp/search_latency
 
 Writes a stage folder with randomly initialised weights of the config's model (timings do not
@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _config(path: str):

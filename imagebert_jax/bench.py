@@ -322,5 +322,10 @@ def main(argv):
     append_results(_RESULTS.value, _LABEL.value, rows)
 
 
-if __name__ == "__main__":
+def command() -> None:
+  """The console command `imagebert-bench`."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  command()

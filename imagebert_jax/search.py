@@ -570,6 +570,11 @@ def main(argv: list[str] | None = None) -> dict:
     raise SystemExit(f"error: {e}") from None
 
 
-if __name__ == "__main__":
+def command() -> None:
+  """The console command `imagebert-search` (python -m imagebert_jax.search)."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   main()
+
+
+if __name__ == "__main__":
+  command()

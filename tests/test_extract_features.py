@@ -1,7 +1,6 @@
-"""tools/extract_features.py end to end with a tiny random detector: output, sharding, resume,
-bad images."""
+"""The region-feature extractor (imagebert_jax.extract_features, the command imagebert-extract)
+end to end with a tiny random detector: output, sharding, resume, bad images."""
 
-import importlib.util
 import json
 import os
 import pickle
@@ -10,21 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from imagebert_jax import extract_features as tool
 from imagebert_jax.data.regionfile import read_region_file
 from imagebert_jax.detector import export_state_dict, init_params, tiny_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_tool():
-  spec = importlib.util.spec_from_file_location(
-      "extract_features", os.path.join(ROOT, "tools", "extract_features.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-tool = _load_tool()
 
 
 def draw(path, seed, size):

@@ -1,0 +1,92 @@
+"""The installable package: pyproject.toml's dependencies are requirements.txt's, its extras the
+extractor's and the tests', the wheel it builds holds the package and declares the console
+commands, each command's target exists, and nothing changes sys.path."""
+
+import configparser
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMANDS = {"imagebert-train": "imagebert_jax.main:command",
+            "imagebert-build": "imagebert_jax.data.build:main",
+            "imagebert-extract": "imagebert_jax.extract_features:main",
+            "imagebert-search": "imagebert_jax.search:command",
+            "imagebert-bench": "imagebert_jax.bench:command"}
+
+
+def requirements(name):
+  with open(os.path.join(ROOT, name)) as f:
+    return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+def pyproject():
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    return tomllib.load(f)["project"]
+
+
+def test_dependencies_are_the_requirements_files():
+  project = pyproject()
+  extras = project["optional-dependencies"]
+  assert project["dependencies"] + extras["extractor"] == requirements("requirements.txt")
+  assert extras["test"] == requirements("requirements-test.txt")
+  assert extras["extractor"] == ["pillow>=10.0"]
+
+
+def test_console_commands_point_at_functions():
+  """Each target is a module-level function of its module (read, not imported: the commands
+  define absl flags of the same names, so one process imports one of them)."""
+  import ast
+  assert pyproject()["scripts"] == COMMANDS
+  for target in COMMANDS.values():
+    module, function = target.split(":")
+    with open(os.path.join(ROOT, *module.split(".")) + ".py", encoding="utf-8") as f:
+      tree = ast.parse(f.read())
+    assert function in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, target
+
+
+def test_nothing_changes_sys_path():
+  for folder in ("imagebert_jax", "tools", "benchmarks", "configs"):
+    for base, _, files in os.walk(os.path.join(ROOT, folder)):
+      for name in files:
+        if name.endswith(".py"):
+          with open(os.path.join(base, name), encoding="utf-8") as f:
+            assert not re.search(r"sys\.path\.(insert|append)|sys\.path\s*=", f.read()), name
+
+
+@pytest.mark.subprocess
+def test_the_wheel_holds_the_package_and_its_commands(tmp_path):
+  (tmp_path / "source").mkdir()
+  """pip builds the package offline (the setuptools already installed) into a wheel with every
+  module, no tests, and the console commands."""
+  source = tmp_path / "source"  # a copy: setuptools writes build/ and *.egg-info beside it
+  for name in ("pyproject.toml", "README.md", "imagebert_jax", "tests", "tools", "benchmarks"):
+    copy = shutil.copytree if os.path.isdir(os.path.join(ROOT, name)) else shutil.copy
+    copy(os.path.join(ROOT, name), source / name,
+         **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+  out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                        "-q", "-w", str(tmp_path), str(source)], capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  wheel, = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
+  import imagebert_jax
+  assert wheel.startswith(f"imagebert_jax-{imagebert_jax.__version__}-py3-none-any")
+  with zipfile.ZipFile(tmp_path / wheel) as z:
+    names = z.namelist()
+    entry_points, = [n for n in names if n.endswith("entry_points.txt")]
+    parser = configparser.ConfigParser()
+    parser.read_string(z.read(entry_points).decode())
+  assert dict(parser["console_scripts"]) == COMMANDS
+  modules = {n for n in names if n.endswith(".py")}
+  for base, _, files in os.walk(os.path.join(ROOT, "imagebert_jax")):
+    for name in files:
+      if name.endswith(".py"):
+        rel = os.path.relpath(os.path.join(base, name), ROOT).replace(os.sep, "/")
+        assert rel in modules, rel
+  assert not [n for n in names if n.startswith(("tests/", "tools/", "benchmarks/"))]
