@@ -20,8 +20,7 @@ import json
 import os
 import posixpath
 import shutil
-import tempfile
-from typing import Any, Iterator
+from typing import Any
 
 from etils import epath
 
@@ -101,6 +100,8 @@ def getsize(p: PathLike) -> int:
 
 def listdir(p: PathLike) -> list[str]:
   """The names in folder `p`, sorted (a bucket 'folder' lists the names under its prefix)."""
+  if not is_url(p):
+    return sorted(os.listdir(p))
   return sorted(child.name for child in epath.Path(p).iterdir())
 
 
@@ -135,7 +136,8 @@ def walk_files(p: PathLike) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # Reading and writing.
 # ------------------------------------------------------------------------------------------------
-def open(p: PathLike, mode: str = "r", encoding: str | None = None, errors: str | None = None):  # noqa: A001
+def open(p: PathLike, mode: str = "r", encoding: str | None = None,  # noqa: A001
+         errors: str | None = None):
   """A file object ('r', 'w', 'a', with 'b' for bytes; text is UTF-8 unless told). On a bucket
   a file being written is uploaded when it is flushed or closed; append re-writes the object."""
   binary = "b" in mode
@@ -296,33 +298,3 @@ def copy(src: PathLike, dst: PathLike) -> None:
     shutil.copyfile(src, dst)
   else:
     epath.Path(src).copy(dst, overwrite=True)
-
-
-class LocalCopy:
-  """A local file with the contents of `p` for libraries that take only local paths (sqlite,
-  PIL's lazy readers, PyTorch's loader): `p` itself when local; a temporary copy otherwise,
-  removed by `close()`. Use as a context manager; the value is the local path."""
-
-  def __init__(self, p: PathLike, suffix: str = ""):
-    self.path, self._tmp = str(p), None
-    if is_url(p):
-      fd, self._tmp = tempfile.mkstemp(suffix=suffix or os.path.splitext(basename(p))[1])
-      with os.fdopen(fd, "wb") as f:
-        f.write(read_bytes(p))
-      self.path = self._tmp
-
-  def close(self) -> None:
-    if self._tmp and os.path.exists(self._tmp):
-      os.remove(self._tmp)
-
-  def __enter__(self) -> str:
-    return self.path
-
-  def __exit__(self, *_) -> None:
-    self.close()
-
-
-def iter_lines(p: PathLike, errors: str = "strict") -> Iterator[str]:
-  """The lines of a UTF-8 text file, newline kept, streamed (also from a bucket)."""
-  with open(p, "r", errors=errors) as f:
-    yield from f
