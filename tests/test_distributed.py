@@ -76,8 +76,9 @@ def test_the_readme_claims_what_this_jax_detects():
               if not getattr(c, "opt_in_only_method", False)}
   # BaseTpuCluster is the two TPU kinds' base class: registered, never present itself.
   assert detected == {"BaseTpuCluster", "GceTpuCluster", "GkeTpuCluster", "SlurmCluster",
-                      "OmpiCluster", "K8sCluster"}, f"JAX {jax.__version__} detects {sorted(detected)}: update " \
-      "the README's 'Several hosts' and imagebert_jax/distributed.py"
+                      "OmpiCluster", "K8sCluster"}, (
+      f"JAX {jax.__version__} detects {sorted(detected)}: update the README's 'Several hosts' "
+      "and imagebert_jax/distributed.py")
   readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "README.md"), encoding="utf-8").read()
   for words in ("Cloud TPU VM", "SLURM", "Open MPI", "Kubernetes", f"JAX {jax.__version__}"):
