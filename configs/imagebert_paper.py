@@ -8,11 +8,18 @@
   zero_shot  Flickr30k 1K test with the stage-2 model;  test  the same with the fine-tuned one
 
 Every stage starts from the previous stage's final checkpoint; rerunning the command skips the
-stages that finished and resumes the one that did not. Paths are config fields:
+stages that finished and resumes the one that did not. Paths are config fields (local folders or
+bucket URLs); the datasets are the ones the README's build commands make (web, cc, sbu: one
+`train` split each; flickr30k: the Karpathy splits train, val and test):
 
   python -m imagebert_jax.main --config configs/imagebert_paper.py --workdir runs/paper \
-    --config.bert=models/bert-base-uncased --config.text.vocab_file=models/bert-base-uncased/vocab.txt \
+    --config.bert=bert-base-uncased --config.text.vocab_file=bert-base-uncased/vocab.txt \
     --config.web_data=data/web --config.cc_sbu_data=data/cc,data/sbu --config.flickr_data=data/flickr30k
+
+The pretraining stages hold out no split of their own (the web, CC and SBU builds make only
+`train`): how far pretraining went is measured by `zero_shot`, retrieval on Flickr30k's test
+split. A held-out pretraining split can be named with `--config.stages.stage1.data.eval_split`
+(and stage2's) once the datasets have one.
 
 Step counts are not all in the paper; the ones here are this project's choice (about one epoch
 of stage 1 and four of stage 2 at batch 48, with gradient accumulation available through
@@ -34,13 +41,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.flickr_data = "data/flickr30k"     # fine-tuning and evaluation
 
   c.stages.stage1 = defaults.pretrain_stage(
-      defaults.data_default(train_split="train", eval_split="val"), batch_size=48,
+      defaults.data_default(train_split="train", eval_split=""), batch_size=48,
       num_steps=200_000, learning_rate=1e-4)
   c.stages.stage1.data.dir = c.get_ref("web_data")
   c.stages.stage1.init.bert = c.get_ref("bert")
 
   c.stages.stage2 = defaults.pretrain_stage(
-      defaults.data_default(train_split="train", eval_split="val"), batch_size=48,
+      defaults.data_default(train_split="train", eval_split=""), batch_size=48,
       num_steps=300_000, learning_rate=1e-4)
   c.stages.stage2.data.dir = c.get_ref("cc_sbu_data")
   c.stages.stage2.init.from_stage = "stage1"
