@@ -108,10 +108,15 @@ def _steps(checkpoints: epath.Path) -> list[int]:
                 if p.name.isdigit() and (p / "state").is_dir())
 
 
-def locate_checkpoint(path: str, stage: str | None = None) -> tuple[epath.Path, epath.Path]:
+def locate_checkpoint(path: str, stage: str | None = None,
+                      select: str = "best") -> tuple[epath.Path, epath.Path]:
   """(stage folder, saved state folder) for a run folder (its last training stage, or `stage`),
   a stage folder, its `checkpoints/` folder (the newest step), a step folder or a state folder.
-  Raises RunConfigError (one line) when there is no checkpoint there."""
+  For a run or stage folder, `select` 'best' takes the checkpoint of the best validation (a
+  fine-tuning stage's `best_checkpoint/`, what its evaluations score) when there is one, 'last'
+  the newest. Raises RunConfigError (one line) when there is no checkpoint there."""
+  if select not in ("best", "last"):
+    raise RunConfigError(f"select={select!r}: want 'best' or 'last'")
   p = epath.Path(path)
   if not p.exists():
     raise RunConfigError(f"{p}: no such folder")
@@ -144,6 +149,9 @@ def locate_checkpoint(path: str, stage: str | None = None) -> tuple[epath.Path, 
                            "scores the checkpoints of the stage it names in init)")
     raise RunConfigError(f"{p}: not a run, stage, checkpoints or step folder (no checkpoints "
                          f"and no {runconfig.CONFIG_FILE})")
+  best = _steps(p / ckpt_lib.BEST_DIR) if select == "best" else []
+  if best:
+    return p, p / ckpt_lib.BEST_DIR / str(best[-1]) / "state"
   return p, p / "checkpoints" / str(steps[-1]) / "state"
 
 
@@ -308,13 +316,15 @@ class TrainedModel:
 
   # ---- Loading ------------------------------------------------------------------------------
   @classmethod
-  def load(cls, path: str, *, stage: str | None = None, batch_size: int = 64,
-           dtype: str | None = None, devices: Sequence[Any] | None = None) -> "TrainedModel":
+  def load(cls, path: str, *, stage: str | None = None, select: str = "best",
+           batch_size: int = 64, dtype: str | None = None,
+           devices: Sequence[Any] | None = None) -> "TrainedModel":
     """From a run folder (its last training stage, or `stage`), a stage folder, its checkpoints
-    folder, or one step's folder. The stage's config.json describes the model; on CPU it
-    computes in float32 (`dtype` overrides). RunConfigError (one line) when the config is missing
-    or the checkpoint does not match it."""
-    stage_dir, state_dir = locate_checkpoint(path, stage)
+    folder, or one step's folder; of a run or stage folder, the best validated checkpoint, or
+    the newest with `select='last'` (locate_checkpoint). The stage's config.json describes the
+    model; on CPU it computes in float32 (`dtype` overrides). RunConfigError (one line) when the
+    config is missing or the checkpoint does not match it."""
+    stage_dir, state_dir = locate_checkpoint(path, stage, select)
     stage_config = runconfig.read_stage_config(stage_dir)
     model_cfg = runconfig.model_config(stage_config)
     if dtype:

@@ -83,21 +83,33 @@ def test_run_and_every_stage_write_their_config(demo_smoke_run):
     assert stage["data_options"] == options
 
 
+def _best_step(stage_dir):
+  folder = os.path.join(stage_dir, ckpt_lib.BEST_DIR)
+  (step,) = [int(p) for p in os.listdir(folder) if p.isdigit()]
+  return step
+
+
 def test_a_stage_folder_alone_rebuilds_its_model(demo, model, tmp_path):
   moved = tmp_path / "elsewhere" / "finetune"
   shutil.copytree(os.path.join(demo, "finetune"), moved)
-  want = ckpt_lib.flatten_paths(jax.device_get(model.params))
-  step = _newest_step(moved)
-  for path in (moved, moved / "checkpoints", moved / "checkpoints" / str(step),
-               moved / "checkpoints" / str(step) / "state"):
-    loaded = TrainedModel.load(str(path))
+  # The run folder gives its last training stage, and of a fine-tuning stage the checkpoint of
+  # the best validation (what its evaluation scores); `select='last'` the newest.
+  best = ckpt_lib.flatten_paths(jax.device_get(model.params))
+  step, best_step = _newest_step(moved), _best_step(moved)
+  assert model.source.endswith(os.path.join("finetune", ckpt_lib.BEST_DIR, str(best_step)))
+  newest = ckpt_lib.flatten_paths(jax.device_get(
+      TrainedModel.load(str(moved), select="last").params))
+  for path, kw, want in (
+      (moved, {}, best), (moved, {"select": "last"}, newest),
+      (moved / ckpt_lib.BEST_DIR / str(best_step), {}, best), (moved / "checkpoints", {}, newest),
+      (moved / "checkpoints" / str(step), {}, newest),
+      (moved / "checkpoints" / str(step) / "state", {}, newest)):
+    loaded = TrainedModel.load(str(path), **kw)
     assert loaded.cfg == model.cfg
     got = ckpt_lib.flatten_paths(jax.device_get(loaded.params))
     assert got.keys() == want.keys()
     for key in want:
-      np.testing.assert_array_equal(got[key], want[key])
-  # The run folder gives its last training stage; a stage can be named.
-  assert model.source.endswith(os.path.join("finetune", "checkpoints", str(step)))
+      np.testing.assert_array_equal(got[key], want[key], err_msg=f"{path} {kw}")
   pretrain = TrainedModel.load(demo, stage="pretrain")
   assert pretrain.source.endswith(os.path.join(
       "pretrain", "checkpoints", str(_newest_step(os.path.join(demo, "pretrain")))))
@@ -110,7 +122,7 @@ def test_a_stage_folder_alone_rebuilds_its_model(demo, model, tmp_path):
                                                                     "checkpoints"), abstract)
   assert not missing and not unexpected
   for key, value in restored.items():
-    np.testing.assert_array_equal(np.asarray(value), want[key])
+    np.testing.assert_array_equal(np.asarray(value), newest[key])
 
 
 def test_rerunning_a_finished_run_describes_its_stages(demo_smoke_run, tmp_path):
@@ -128,7 +140,7 @@ def test_rerunning_a_finished_run_describes_its_stages(demo_smoke_run, tmp_path)
     assert (json.loads((copy / name / "config.json").read_text())
             == json.loads(open(os.path.join(workdir, name, "config.json")).read()))
   assert TrainedModel.load(str(copy)).source.endswith(
-      os.path.join("finetune", "checkpoints", str(_newest_step(copy / "finetune"))))
+      os.path.join("finetune", ckpt_lib.BEST_DIR, str(_best_step(copy / "finetune"))))
 
 
 def test_missing_or_disagreeing_config_is_one_line(demo, tmp_path):

@@ -264,7 +264,7 @@ def test_a_skipped_step_leaves_parameters_and_optimizer_state_unchanged():
   obj = PretrainObjective(pad_id=PAD, cls_id=CLS, sep_id=SEP, mask_id=MASK,
                           random_token_range=RANDOM_RANGE)
 
-  def loss_fn(model, batch, key):
+  def loss_fn(model, batch, key, step=None):
     """The pretraining loss plus a term chosen by batch['poison']: 0 nothing, 1 NaN, 2 zero
     with a NaN gradient (d sqrt(0 * w) / dw = 0 * inf). lax.switch differentiates only the
     branch taken."""

@@ -144,8 +144,9 @@ def _evaluation_config(demo_smoke_run, rerank_k):
   config.unlock()
   data = config_defaults.data_default(directory=os.path.join(workdir, "synthetic_data"),
                                       eval_split="test")
+  # The fine-tuning's best validated checkpoint: what its own evaluation and the API load.
   stage = config_defaults.evaluate_stage(
-      data, checkpoint=os.path.join(workdir, "finetune", "checkpoints"))
+      data, checkpoint=os.path.join(workdir, "finetune", "best_checkpoint"))
   stage.eval.update(dict(tile_images=4, tile_captions=32, chunk_images=4, progress=False,
                          rerank_k=rerank_k))
   config.stages = ml_collections.ConfigDict({"two_stage": stage})
