@@ -150,10 +150,20 @@ def open(p: PathLike, mode: str = "r", encoding: str | None = None,  # noqa: A00
     raise FileNotFoundError(errno.ENOENT, "No such file", str(p))
   raw = _Raw(epath.Path(p).open(mode.replace("t", "") + ("" if binary else "b")),
              reading="r" in mode)
-  buffered = io.BufferedReader(raw) if "r" in mode else io.BufferedWriter(raw)
+  buffered = io.BufferedReader(raw) if "r" in mode else _Writer(raw)
   if binary:
     return buffered
   return io.TextIOWrapper(buffered, encoding=encoding, errors=errors)
+
+
+class _Writer(io.BufferedWriter):
+  """io.BufferedWriter whose flush() reaches the file system: io's own passes the buffer to the
+  raw stream but never flushes that, so on a bucket nothing would be uploaded before close()
+  (a run killed meanwhile would lose every metrics row it had written)."""
+
+  def flush(self) -> None:
+    super().flush()
+    self.raw.flush()
 
 
 class _Raw(io.RawIOBase):

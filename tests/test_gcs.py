@@ -108,6 +108,28 @@ def last_rows(lines) -> dict:
   return rows
 
 
+def test_a_flushed_file_is_in_the_bucket_before_it_is_closed(bucket, monkeypatch):
+  """metrics.jsonl is appended to and flushed row by row: a run killed before closing it keeps
+  the rows it flushed (the object is re-uploaded whole at every flush)."""
+  for k, v in bucket.env.items():
+    monkeypatch.setenv(k, v)
+  from imagebert_jax import paths
+  name = "flush/metrics.jsonl"
+  f = paths.open(f"gs://{BUCKET}/{name}", "a")
+  try:
+    f.write('{"step": 1}\n')
+    f.flush()
+    assert _read(bucket, name) == '{"step": 1}\n'
+    f.write('{"step": 2}\n')
+    f.flush()
+    assert _read(bucket, name) == '{"step": 1}\n{"step": 2}\n'
+  finally:
+    f.close()
+  with paths.open(f"gs://{BUCKET}/{name}", "a") as f:  # appending keeps what is there
+    f.write('{"step": 3}\n')
+  assert _read(bucket, name) == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+
+
 def test_demo_in_a_bucket_survives_a_kill_and_matches_local_folders(bucket, demo_smoke_run,
                                                                      monkeypatch, caplog):
   local_config, local_workdir, local_results = demo_smoke_run
