@@ -62,10 +62,10 @@ def test_nothing_changes_sys_path():
 
 @pytest.mark.subprocess
 def test_the_wheel_holds_the_package_and_its_commands(tmp_path):
-  (tmp_path / "source").mkdir()
   """pip builds the package offline (the setuptools already installed) into a wheel with every
   module, no tests, and the console commands."""
   source = tmp_path / "source"  # a copy: setuptools writes build/ and *.egg-info beside it
+  source.mkdir()
   for name in ("pyproject.toml", "README.md", "imagebert_jax", "tests", "tools", "benchmarks"):
     copy = shutil.copytree if os.path.isdir(os.path.join(ROOT, name)) else shutil.copy
     copy(os.path.join(ROOT, name), source / name,
