@@ -15,7 +15,8 @@ records, tf.data's iterator checkpoints, TensorBoard's event files; it has no en
 so it goes through the front as its HTTPS proxy), the JAX profiler (its trace, the same way),
 TensorStore (Orbax's array files, TENSORSTORE_GCS_HTTP_URL) and google-cloud-storage (Orbax's
 question about the bucket's layout, STORAGE_EMULATOR_HOST). Not run here: etils.epath's fsspec
-backend (gcsfs), which only a host without TensorFlow uses.
+backend (gcsfs), which etils.epath picks only where TensorFlow is not installed (an inference
+host; gcsfs is not one of this project's dependencies).
 """
 
 from __future__ import annotations
@@ -51,9 +52,14 @@ ARGS = ["--config", "configs/demo.py:smoke", "--workdir", RUN,
 
 def fallbacks() -> list[str]:
   """Local folders a bucket URL would have become (os.path.abspath('gs://b/x') is
-  '<current folder>/gs:/b/x'): in the checkout, where the runs start, and here."""
-  return [p for p in {os.path.join(ROOT, "gs:"), os.path.join(os.getcwd(), "gs:")}
-          if os.path.exists(p)]
+  '<current folder>/gs:/b/x'; os.path.join('gs://b', ...) relative to wherever it is used):
+  any folder named `gs:` in the checkout, where the runs start, or here."""
+  found = []
+  for top in {ROOT, os.getcwd()}:
+    for base, dirs, _ in os.walk(top):
+      dirs[:] = [d for d in dirs if d not in (".venv", ".git")]
+      found += [os.path.join(base, d) for d in dirs if d == "gs:"]
+  return sorted(set(found))
 
 
 @pytest.fixture(scope="module")
