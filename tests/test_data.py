@@ -193,3 +193,41 @@ def test_synthetic_dataset_is_learnable_shape(synthetic_dir):
   assert info["splits"]["test"]["pairs"] == 150
   ids = special_ids(os.path.join(synthetic_dir, "vocab.txt"))
   assert ids.random_token_range[0] == 5
+
+
+def test_a_built_dataset_still_works_after_its_folder_is_moved(tmp_path):
+  """The build command copies the vocabulary it is given into the dataset and names it relative
+  to the folder: moved elsewhere (as when it is copied to a bucket), with the original vocabulary
+  and sources gone, the folder is still a whole dataset."""
+  import shutil
+
+  from imagebert_jax.data import build
+  src = tmp_path / "src"
+  src.mkdir()
+  vocab = src / "vocab.txt"
+  write_vocab(str(vocab), ["a", "red", "dog", "cat", "on", "the", "left"])
+  with regionfile.RegionFileWriter(str(src / "regions.ibrf")) as w:
+    for i in range(3):
+      w.write(_record(i))
+  with open(src / "pairs.jsonl", "w") as f:
+    for i, caption in enumerate(["a red dog", "a cat", "the dog on the left"]):
+      f.write(json.dumps({"image_id": f"img{i}", "caption": caption}) + "\n")
+  built = tmp_path / "built" / "web"
+  build.run_command(["build", "--name", "web", "--out_dir", str(built),
+                     "--regions", str(src / "regions.ibrf"), "--captions",
+                     str(src / "pairs.jsonl"), "--caption_source", "jsonl", "--split", "train",
+                     "--vocab_file", str(vocab), "--min_boxes", "1", "--feature_dim", "8"])
+  # The sources are noted as where the data came from; what is read back is inside the folder.
+  assert records.read_info(str(built))["vocab_file"] == "vocab.txt"
+  moved = tmp_path / "elsewhere" / "web"
+  shutil.move(str(built), str(moved))
+  shutil.rmtree(src)
+  info = records.read_info(str(moved))
+  assert info["splits"]["train"]["records"] == 3
+  vocab_file = records.vocab_path(str(moved), info)
+  assert vocab_file == str(moved / "vocab.txt")
+  lines = (moved / "vocab.txt").read_text().split("\n")
+  ids = Tokenizer(vocab_file, max_len=8).encode("a red dog").tolist()
+  assert ids[1:4] == [lines.index("a"), lines.index("red"), lines.index("dog")]
+  got = {r.image_id for r in records.split_records(str(moved), "train")}
+  assert got == {"img0", "img1", "img2"}
