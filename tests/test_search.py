@@ -3,7 +3,6 @@ randomly initialised detector, the same photos as region files, and a dataset sp
 against the model's own scores and the all-pairs evaluation; the HTML report in headless Chromium
 (no console errors, the expected results with their images)."""
 
-import importlib.util
 import json
 import os
 import pickle
@@ -114,12 +113,9 @@ def test_photo_index_builds_and_resumes(photo_index, photos, model):
 
 def test_region_files_of_the_same_photos_index_the_same(photo_index, photos, detector, demo,
                                                          tmp_path):
-  """The extractor tool's region files give the same regions and embeddings as the command's
-  own pass through the detector."""
-  spec = importlib.util.spec_from_file_location(
-      "extract_features", os.path.join(ROOT, "tools", "extract_features.py"))
-  tool = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tool)
+  """The extractor's region files (imagebert-extract) give the same regions and embeddings as
+  the search command's own pass through the detector."""
+  from imagebert_jax import extract_features as tool
   out = tool.run(["--images", str(photos), "--weights", detector[1], "--config", detector[0],
                   "--output", str(tmp_path / "regions"), "--id_from", "relpath",
                   "--no_progress"])
