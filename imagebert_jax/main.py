@@ -79,7 +79,10 @@ def main(argv):
 
 
 def command() -> None:
-  """The console command `imagebert-train`."""
+  """The console command `imagebert-train`. absl's --help lists the flags of the program it
+  runs as (the script pip wrote); this module's are declared as that program's."""
+  for flag in flags.FLAGS.get_key_flags_for_module(__name__):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(main)
 
 

@@ -90,3 +90,18 @@ def test_the_wheel_holds_the_package_and_its_commands(tmp_path):
         rel = os.path.relpath(os.path.join(base, name), ROOT).replace(os.sep, "/")
         assert rel in modules, rel
   assert not [n for n in names if n.startswith(("tests/", "tools/", "benchmarks/"))]
+
+
+@pytest.mark.subprocess
+def test_the_installed_training_command_runs_and_lists_its_flags(tmp_path):
+  """`imagebert-train`, as pip installed it beside this Python, starts from any folder (nothing
+  relies on the checkout being the current folder) and its --help lists main's flags."""
+  script = os.path.join(os.path.dirname(sys.executable), "imagebert-train")
+  if not os.path.exists(script):
+    pytest.skip("the package is not installed in this environment (pip install -e .)")
+  out = subprocess.run([script, "--help"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]  # (absl's --help exits with 1)
+  for flag in ("--config", "--workdir", "--coordinator_address", "--num_processes",
+               "--process_id"):
+    assert f"{flag}:" in out.stdout, flag
