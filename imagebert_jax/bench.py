@@ -183,7 +183,8 @@ def bench_train(config, batch_size: int, steps: int, warmup: int, stage: str,
     loss_fn = functools.partial(retrieval_loss, obj=ft_obj)
   text_words = model_cfg.max_text_len - 2
   mesh, rules = train.make_mesh(config)
-  optim_cfg = config.stages[stage].optim if stage in config.stages else None
+  optim_cfg = (config.stages[stage].optim if stage in config.stages
+               else config_defaults.optim_default(1e-4))
   tx, schedule = optim.make_optimizer(optim_cfg, 10_000)
   spec = state_lib.state_spec(model_cfg, tx, mesh, rules, seed=0)
   state = state_lib.create_state(spec, model_cfg, tx, seed=0)
@@ -374,9 +375,10 @@ def main(argv):
         f"remat={config.model.remat}; memory: {r['mem_kind']}")
   for row in rows:
     if row["mode"].startswith("ft-"):
+      mined = (f"the best {row['negatives']} of {row['candidates']} candidates"
+               if row["candidates"] > row["negatives"] else f"{row['negatives']} random")
       print(f"{row['mode']}: {row['train_gflop_per_sample']:.2f} GFLOP per matched pair "
-            f"({row['candidates']} candidates mined, {row['negatives']} negatives trained on, "
-            "per direction)")
+            f"(negatives per direction: {mined})")
     elif row["mode"] in ("train", "input"):
       print(f"train: {row['train_gflop_per_sample']:.2f} GFLOP per sample (3 x forward matrix "
             "products, see imagebert_jax/bench.py)")
