@@ -53,18 +53,8 @@ def train_and_score(data_dir: str, *, train_split: str = "train", eval_split: st
   mean = feats[valid].mean(0)
   std = feats[valid].std(0) + 1e-3
 
-  import os as _os
-  mode = _os.environ.get("DE_FEATURES", "standardise")
-
   def image_inputs(split):
-    x = split.region_feat.astype(np.float32)
-    if mode == "standardise":
-      x = (x - mean) / std
-    elif mode == "layernorm":
-      x = (x - x.mean(-1, keepdims=True)) / (x.std(-1, keepdims=True) + 1e-6)
-    elif mode == "log_layernorm":
-      x = np.log1p(x)
-      x = (x - x.mean(-1, keepdims=True)) / (x.std(-1, keepdims=True) + 1e-6)
+    x = (split.region_feat.astype(np.float32) - mean) / std
     x = np.concatenate([x, split.region_loc], -1)
     return jnp.asarray(x), jnp.asarray(r[None, :] < split.num_regions[:, None])
 

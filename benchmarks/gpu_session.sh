@@ -76,6 +76,9 @@ done
 step "detector" 120 "$py" -m imagebert_jax.detector.bench --steps 5 --warmup 2 \
   --results "$results" --label detector
 bench "attention dropout 0.1" 90 --batch_size 128 --modes train
+# Retrieval fine-tuning at the paper's batch (24) against the number of mined candidates M.
+bench "fine-tuning" 120 --batch_size 24 --steps 5 --warmup 1 --stage none --modes finetune \
+  --candidates 3,8,16 --num_hard 3
 for remat in none full; do
   for batch in 256 512 1024; do
     bench "remat $remat, batch $batch" 90 --batch_size $batch --modes train \

@@ -6,6 +6,12 @@ Times the jitted pretraining step (all four objectives) on batches generated on 
 prints one table: samples/s, model-FLOP utilisation, peak device memory, parameter count. Any
 config field can be overridden (`--config.model.remat=full`, `--config.model.attention_impl=xla`).
 
+`--modes finetune --candidates 2,4,8,16` times the retrieval fine-tuning step instead, once per
+number of mined candidates M (the stage `--stage`'s objective when it is a fine-tuning stage,
+otherwise the paper's three losses; K = `--num_hard`): mining scores M candidates per pair and
+direction without gradients, so a step costs about 2 M forward passes per pair on top of the
+3 x (1 + 2 K) of training on the pair and its 2 K negatives.
+
 FLOPs per sample (matrix products only, multiply-add = 2), for L = text + region positions,
 d = hidden, m = MLP width, R regions of F features, V vocabulary, P masked text positions:
   forward = layers x (8 L d^2 + 4 L d m + 4 L^2 d) + 2 R F d + 2 P d V
@@ -30,6 +36,7 @@ from imagebert_jax import config_defaults, optim, parallel, paths, train
 from imagebert_jax import state as state_lib
 from imagebert_jax.model import ModelConfig
 from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss
+from imagebert_jax.objectives.retrieval import RetrievalObjective, retrieval_loss
 
 # Dense bf16 peak of each accelerator, TFLOP/s (vendor datasheets).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0,
@@ -45,25 +52,50 @@ _VOCAB = flags.DEFINE_integer("vocab_size", 30522, "Vocabulary size when the con
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s for MFU (0: known accelerators).")
 _MODES = flags.DEFINE_list("modes", ["train", "score"],
                            "What to time: train (synthetic batches made on the device), input "
-                           "(the train step fed by the tf.data pipeline), score.")
+                           "(the train step fed by the tf.data pipeline), score, finetune (the retrieval "
+                           "step for each of --candidates).")
 _TILE = flags.DEFINE_string("score_tile", "8x128", "Scoring tile: images x captions per step.")
 _DATA = flags.DEFINE_string("data_dir", "", "Mode 'input': a built dataset to feed the train "
                             "step through the real tf.data pipeline (the split 'train').")
 _RESULTS = flags.DEFINE_string("results", "", "Also append each row, as one JSON object with "
                                "--label, to this JSON-lines file.")
 _LABEL = flags.DEFINE_string("label", "", "This run's name in --results.")
+_CANDIDATES = flags.DEFINE_list("candidates", ["2", "4", "8", "16"],
+                                "Mode 'finetune': the numbers of mined candidates M to time.")
+_NUM_HARD = flags.DEFINE_integer("num_hard", 2, "Mode 'finetune': negatives kept per pair and "
+                                 "direction (K; M = K is random negatives, no mining).")
 _SUMMARY = flags.DEFINE_string("summary", "", "Print one table of every row of this JSON-lines "
                                "file (written with --results) and exit.")
 
 
+def encoder_flops(cfg: ModelConfig, length: int) -> float:
+  """Forward FLOPs of the Transformer layers over `length` positions."""
+  d, m = cfg.hidden_size, cfg.mlp_dim
+  return cfg.num_layers * (8 * length * d * d + 4 * length * d * m + 4 * length**2 * d)
+
+
 def flops_per_sample(cfg: ModelConfig, text_words: int, mlm_rate: float = 0.15) -> dict:
   """Model FLOPs of one sample, forward and training, by the formula in the module doc."""
-  length, d, m = cfg.seq_len, cfg.hidden_size, cfg.mlp_dim
-  encoder = cfg.num_layers * (8 * length * d * d + 4 * length * d * m + 4 * length**2 * d)
+  d = cfg.hidden_size
+  encoder = encoder_flops(cfg, cfg.seq_len)
   regions = 2 * cfg.max_regions * cfg.region_feature_dim * d
   decoder = 2 * (mlm_rate * text_words) * d * cfg.vocab_size
   forward = encoder + regions + decoder
   return {"forward": forward, "train": 3 * forward}
+
+
+def retrieval_flops_per_pair(cfg: ModelConfig, text_words: int, obj: RetrievalObjective) -> float:
+  """Model FLOPs of one matched pair in a fine-tuning step: 2 M forward passes of mining (none
+  when M = K or when the contrastive similarities mine), 3 x (1 + 2 K) of training, and with the contrastive loss 3 x each modality alone."""
+  forward = flops_per_sample(cfg, text_words, mlm_rate=0.0)["forward"]
+  mined = obj.num_candidates > obj.num_hard and obj.mine_with == "cross_encoder"
+  mining = 2 * obj.num_candidates * forward if mined else 0
+  total = mining + 3 * (1 + 2 * obj.num_hard) * forward
+  if obj.itc_weight or obj.mine_with == "itc":
+    region_input = 2 * cfg.max_regions * cfg.region_feature_dim * cfg.hidden_size
+    total += 3 * (encoder_flops(cfg, cfg.max_text_len)
+                  + encoder_flops(cfg, cfg.max_regions) + region_input)
+  return total
 
 
 def peak_tflops(device) -> float | None:
@@ -125,19 +157,40 @@ def _memory(device, compiled) -> tuple[float | None, str]:
     return None, "n/a"
 
 
+def retrieval_objective(config, obj: PretrainObjective, stage: str, num_candidates: int,
+                        num_hard: int) -> RetrievalObjective:
+  """The fine-tuning objective of `stage` (the paper's three losses for a stage of another kind)
+  with M = num_candidates mined candidates and K = min(num_hard, M) negatives."""
+  finetuning = stage in config.stages and config.stages[stage].kind == "finetune"
+  values = (config.stages[stage].objective if finetuning
+            else config_defaults.retrieval_objective_default()).to_dict()
+  values.update(num_candidates=num_candidates, num_hard=min(num_hard, num_candidates),
+                hard_from_step=0)
+  return RetrievalObjective(pad_id=obj.pad_id, cls_id=obj.cls_id, sep_id=obj.sep_id, **values)
+
+
 def bench_train(config, batch_size: int, steps: int, warmup: int, stage: str,
-                data_dir: str = "") -> dict[str, Any]:
+                data_dir: str = "", num_candidates: int = 0) -> dict[str, Any]:
+  """The training step's throughput: pretraining, or with `num_candidates` > 0 retrieval
+  fine-tuning mining that many candidates (samples are matched pairs)."""
   model_cfg = train.model_config(config, _VOCAB.value)
   obj = _objective(config, model_cfg, stage)
+  loss_fn = functools.partial(pretrain_loss, obj=obj)
+  ft_obj = None
+  if num_candidates:
+    ft_obj = retrieval_objective(config, obj, stage, num_candidates, _NUM_HARD.value)
+    ft_obj.validate()
+    loss_fn = functools.partial(retrieval_loss, obj=ft_obj)
   text_words = model_cfg.max_text_len - 2
   mesh, rules = train.make_mesh(config)
-  optim_cfg = config.stages[stage].optim if stage in config.stages else None
+  optim_cfg = (config.stages[stage].optim if stage in config.stages
+               else config_defaults.optim_default(1e-4))
   tx, schedule = optim.make_optimizer(optim_cfg, 10_000)
   spec = state_lib.state_spec(model_cfg, tx, mesh, rules, seed=0)
   state = state_lib.create_state(spec, model_cfg, tx, seed=0)
   n_params = parallel.tree_size(state.params)
   grad_accum = config.stages[stage].train.grad_accum_steps if stage in config.stages else 1
-  step = state_lib.make_train_step(spec, functools.partial(pretrain_loss, obj=obj), tx, seed=0,
+  step = state_lib.make_train_step(spec, loss_fn, tx, seed=0,
                                    schedule=schedule, grad_accum_steps=grad_accum)
   batch_sharding = {k: parallel.batch_sharding(mesh, rules, nd) for k, nd in (
       ("text_ids", 2), ("region_feat", 3), ("region_loc", 3), ("num_regions", 1),
@@ -175,15 +228,20 @@ def bench_train(config, batch_size: int, steps: int, warmup: int, stage: str,
   compiled = step.jitted.lower(state, batches[0]).compile()
   device = jax.devices()[0]
   mem, mem_kind = _memory(device, compiled)
-  flops = flops_per_sample(model_cfg, text_words, obj.mlm_rate)
   samples_per_s = batch_size * steps / seconds
+  if ft_obj is None:
+    flops = flops_per_sample(model_cfg, text_words, obj.mlm_rate)["train"]
+  else:
+    flops = retrieval_flops_per_pair(model_cfg, text_words, ft_obj)
   peak = peak_tflops(device)
-  achieved = samples_per_s * flops["train"] / 1e12
-  return {
+  achieved = samples_per_s * flops / 1e12
+  extra = {} if ft_obj is None else {"candidates": ft_obj.num_candidates,
+                                      "negatives": ft_obj.num_hard}
+  return {**extra,
       "device": f"{device.device_kind} x{jax.device_count()}", "jax": jax.__version__,
       "dtype": model_cfg.dtype, "attention": model_cfg.attention_impl, "remat": model_cfg.remat,
       "batch": batch_size, "positions": model_cfg.seq_len, "step_ms": 1000 * seconds / steps,
-      "samples_per_s": samples_per_s, "train_gflop_per_sample": flops["train"] / 1e9,
+      "samples_per_s": samples_per_s, "train_gflop_per_sample": flops / 1e9,
       "achieved_tflops": achieved, "mfu": achieved / peak if peak else None,
       "peak_mem_gib": mem, "mem_kind": mem_kind, "params": n_params,
       "loss": float(metrics["loss"]),
@@ -304,6 +362,11 @@ def main(argv):
       raise app.UsageError("--modes input needs --data_dir (a built dataset)")
     rows.append(dict(mode="input", **bench_train(config, _BATCH.value, _STEPS.value,
                                                  _WARMUP.value, _STAGE.value, _DATA.value)))
+  if "finetune" in _MODES.value:
+    for m in _CANDIDATES.value:
+      r = bench_train(config, _BATCH.value, _STEPS.value, _WARMUP.value, _STAGE.value,
+                      num_candidates=int(m))
+      rows.append(dict(mode=f"ft-M{r['candidates']}K{r['negatives']}", **r))
   if "score" in _MODES.value:
     ti, tc = (int(x) for x in _TILE.value.split("x"))
     rows.append(dict(mode="score", **bench_score(config, (ti, tc), _STEPS.value, _WARMUP.value)))
@@ -311,7 +374,12 @@ def main(argv):
   print(f"jax {r['jax']}; {r['positions']} positions; attention={config.model.attention_impl}, "
         f"remat={config.model.remat}; memory: {r['mem_kind']}")
   for row in rows:
-    if row["mode"] in ("train", "input"):
+    if row["mode"].startswith("ft-"):
+      mined = (f"the best {row['negatives']} of {row['candidates']} candidates"
+               if row["candidates"] > row["negatives"] else f"{row['negatives']} random")
+      print(f"{row['mode']}: {row['train_gflop_per_sample']:.2f} GFLOP per matched pair "
+            f"(negatives per direction: {mined})")
+    elif row["mode"] in ("train", "input"):
       print(f"train: {row['train_gflop_per_sample']:.2f} GFLOP per sample (3 x forward matrix "
             "products, see imagebert_jax/bench.py)")
     else:

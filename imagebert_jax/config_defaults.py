@@ -115,10 +115,13 @@ def init_default(*, from_stage: str = "", checkpoint: str = "") -> ConfigDict:
 
 def pretrain_stage(data: ConfigDict, *, batch_size: int, num_steps: int,
                    learning_rate: float = 1e-4) -> ConfigDict:
+  """A pretraining stage; it warns when image-text matching is still at chance after 10,000
+  steps (train.itm_chance_steps)."""
+  train = train_default(batch_size, num_steps)
+  train.itm_chance_steps = 10_000
   return ConfigDict(dict(
       kind="pretrain", data=data, objective=objective_default(),
-      optim=optim_default(learning_rate), train=train_default(batch_size, num_steps),
-      init=init_default()))
+      optim=optim_default(learning_rate), train=train, init=init_default()))
 
 
 def retrieval_objective_default() -> ConfigDict:

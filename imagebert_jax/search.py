@@ -32,7 +32,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any, Iterator

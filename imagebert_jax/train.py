@@ -635,6 +635,8 @@ def print_pretrain_summary(name: str, s: dict) -> None:
   rows = [("mlm_loss", None), ("moc_loss", None), ("mrfr_loss", None), ("itm_loss", None),
           ("mlm_accuracy", s["chance"]["mlm_accuracy"]),
           ("moc_accuracy", s["chance"]["moc_accuracy"]), ("itm_accuracy", 0.5)]
+  if "itc_loss" in first:  # the contrastive loss; chance is ln(batch size)
+    rows[4:4] = [("itc_loss", None)]
   lines = [f"[{name}] summary after {s['final_step']} steps",
            f"  {'metric':<14}{'first log':>11}{'last log':>11}{'eval':>11}{'chance':>11}"]
   for key, chance in rows:

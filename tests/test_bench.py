@@ -27,6 +27,29 @@ def test_flops_match_the_reference_formula():
   assert 75e9 < got["train"] < 80e9
 
 
+def test_retrieval_flops_count_mining_training_and_the_contrastive_passes():
+  """Hand count for a 2-layer, d = 8, m = 16 model over 4 text + 3 region positions of 10-d
+  features: one forward is 2 x (8 L d^2 + 4 L d m + 4 L^2 d) + 2 R F d."""
+  from imagebert_jax.objectives.retrieval import RetrievalObjective
+  cfg = ModelConfig(vocab_size=50, hidden_size=8, num_layers=2, num_heads=2, mlp_dim=16,
+                    max_text_len=4, max_regions=3, region_feature_dim=10,
+                    max_position_embeddings=16)
+  layer = lambda n: 8 * n * 64 + 4 * n * 8 * 16 + 4 * n * n * 8
+  forward = 2 * layer(7) + 2 * 3 * 10 * 8
+  assert bench.flops_per_sample(cfg, 2, mlm_rate=0.0)["forward"] == forward
+  # M = 8 mined of which K = 2 trained on: 16 forward passes, then 3 x 5 for training.
+  obj = RetrievalObjective(num_candidates=8, num_hard=2)
+  assert bench.retrieval_flops_per_pair(cfg, 2, obj) == 16 * forward + 15 * forward
+  # M = K: random negatives, nothing mined.
+  assert bench.retrieval_flops_per_pair(cfg, 2, RetrievalObjective(num_candidates=2,
+                                                                   num_hard=2)) == 15 * forward
+  # The contrastive loss adds each modality alone (text 4 positions; regions 3 and their input),
+  # and mining by its similarities costs no forward pass.
+  alone = 2 * layer(4) + 2 * layer(3) + 2 * 3 * 10 * 8
+  obj = RetrievalObjective(num_candidates=8, num_hard=2, itc_weight=1.0, mine_with="itc")
+  assert bench.retrieval_flops_per_pair(cfg, 2, obj) == 15 * forward + 3 * alone
+
+
 @pytest.mark.subprocess
 def test_bench_runs_on_cpu_and_prints_a_table(tmp_path):
   results = tmp_path / "results.jsonl"
@@ -34,31 +57,37 @@ def test_bench_runs_on_cpu_and_prints_a_table(tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "imagebert_jax.bench", "--config", "configs/demo.py",
        "--batch_size", "16", "--steps", "2", "--warmup", "1", "--vocab_size", "64",
-       "--score_tile", "4x8", "--results", str(results), "--label", "demo"],
+       "--score_tile", "4x8", "--results", str(results), "--label", "demo",
+       "--modes", "train,finetune,score", "--candidates", "2,4", "--num_hard", "2"],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
       env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-2000:]
   lines = out.stdout.strip().splitlines()
-  header = lines[-4].split()
+  header = lines[-6].split()
   assert header[:3] == ["mode", "device", "dtype"] and "samples_per_s" in header
   rows = {}
-  for line in lines[-2:]:
+  for line in lines[-4:]:
     cells = line.split()
     rows[cells[0]] = dict(zip(header, [cells[0], " ".join(cells[1:3])] + cells[3:]))
   assert float(rows["train"]["samples_per_s"].replace(",", "")) > 0
   assert float(rows["score"]["pairs_per_s"].replace(",", "")) > 0
   assert rows["score"]["batch"] == "32"  # the 4 x 8 tile
+  # Fine-tuning rows: M = K = 2 (random negatives) and M = 4 mined.
+  assert set(rows) == {"train", "ft-M2K2", "ft-M4K2", "score"}
+  for mode in ("ft-M2K2", "ft-M4K2"):
+    assert float(rows[mode]["samples_per_s"].replace(",", "")) > 0
   assert int(rows["train"]["params"].replace(",", "")) > 50_000
   # The rows went to --results too; --summary makes one table of them and of status rows.
   saved = [json.loads(line) for line in results.read_text().splitlines()]
-  assert [(r["label"], r.get("mode")) for r in saved] == [("tests", None), ("demo", "train"),
-                                                         ("demo", "score")]
+  assert [(r["label"], r.get("mode")) for r in saved] == [
+      ("tests", None), ("demo", "train"), ("demo", "ft-M2K2"), ("demo", "ft-M4K2"),
+      ("demo", "score")]
   status = {"label": "demo", "status": "ok", "seconds": 20}
   table = bench.summary_table(saved + [status]).splitlines()
   assert table[0].split()[:3] == ["label", "status", "mode"]
   assert table[2].split()[:2] == ["tests", "failed"]
   assert table[3].split()[:3] == ["demo", "ok", "train"]
-  assert table[4].split()[:3] == ["demo", "ok", "score"]
+  assert table[6].split()[:3] == ["demo", "ok", "score"]
   assert f"{saved[1]['samples_per_s']:,.0f}" in table[3]
 
 

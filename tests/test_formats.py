@@ -89,16 +89,18 @@ def test_bua_tsv_with_every_kind_of_bad_input(tmp_path, vocab, caplog):
                {"image_id": "107", "caption": "photo of a cat"},
                {"image_id": "999", "caption": "a cat"},             # unknown image
                {"image_id": "101", "caption": "   "}])              # empty caption
-  with caplog.at_level("WARNING"):
+  with caplog.at_level("INFO"):
     info = build_lib.build_dataset(spec(tmp_path, vocab, [str(path)], [str(caps)]))
   assert info["splits"]["train"] == {"records": 3, "pairs": 4}
   assert info["options"]["has_object_labels"] is False  # MOC will be off, and it was said
   assert any("masked object classification will be turned off" in r.message
              for r in caplog.records)
   want = {"bad_base64": 1, "num_boxes_mismatch": 1, "feature_dim": 1, "no_boxes": 1,
-          "duplicate_image_id": 1, "image_without_captions": 1, "too_many_boxes": 1,
+          "duplicate_image_id": 1, "image_without_captions": 1,
           "truncated_file": 1, "captions_without_image": 1, "empty_caption": 1}
   assert info["skipped"] == want
+  # An image with more boxes than the maximum is kept (its best boxes): repaired, not skipped.
+  assert info["repaired"] == {"too_many_boxes": 1}
   text = "\n".join(r.message for r in caplog.records)
   for needle in ("feats.tsv line 3 (image 102)", "feats.tsv line 4 (image 103)",
                  "feats.tsv line 5 (image 104)", "feats.tsv line 6 (image 105)",

@@ -116,21 +116,25 @@ def test_unknown_stage_and_kind_are_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_learns(tmp_path):
-  """A shortened demo: the masked losses fall and accuracies beat chance by a wide margin."""
+def test_demo_learns_on_realistic_scenes(tmp_path):
+  """A shortened demo on the realistic generator (2048-d detector-like features, 36 regions):
+  the masked losses fall, accuracies beat chance by a wide margin, and the contrastive loss,
+  which teaches matching, falls well below its chance level (ln of the batch size)."""
   config = load_config("demo")
   config.unlock()
-  config.stages.pretrain.data.synthetic.train_images = 1000
-  config.stages.pretrain.data.synthetic.eval_images = 50
-  config.stages.pretrain.train.num_steps = 300
-  config.stages.pretrain.train.log_every = 50
-  config.stages.pretrain.train.eval_every = 0
-  config.stages.pretrain.train.checkpoint_every = 300
+  syn = config.stages.pretrain.data.synthetic
+  syn.update(dict(train_images=300, val_images=20, eval_images=0))
+  config.stages.pretrain.train.update(dict(batch_size=32, num_steps=200, log_every=50,
+                                           eval_every=200, checkpoint_every=200,
+                                           itm_chance_steps=0))
   config.stages.pretrain.optim.warmup_steps = 30
   config.run = "pretrain"
   result = train.train_and_evaluate(config, str(tmp_path))["pretrain"]
   first, last, chance = result["train_first"], result["train_last"], result["chance"]
-  for key in ("mlm_loss", "moc_loss", "mrfr_loss"):
-    assert last[key] < 0.8 * first[key], key
+  # Noisy detector labels and features make the region objectives slow (the paper's too).
+  for key, factor in (("mlm_loss", 0.85), ("mrfr_loss", 0.95), ("moc_loss", 0.99)):
+    assert last[key] < factor * first[key], key
   assert result["eval"]["eval/mlm_accuracy"] > 5 * chance["mlm_accuracy"]
-  assert result["eval"]["eval/moc_accuracy"] > 3 * chance["moc_accuracy"]
+  assert result["eval"]["eval/moc_accuracy"] > 2 * chance["moc_accuracy"]
+  assert first["itc_loss"] > 0.95 * np.log(32)  # starts at chance
+  assert last["itc_loss"] < 0.87 * np.log(32), last

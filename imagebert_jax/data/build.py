@@ -198,12 +198,13 @@ def finalize_dataset(spec: BuildSpec) -> dict:
   shard_reports = builder.read_shard_reports(spec.out_dir, spec.name)
   labels = all(r.get("has_object_labels", True) for r in shard_reports)
   opts = _record_options(spec, labels)
-  skipped = collections.Counter()
+  skipped, repaired = collections.Counter(), collections.Counter()
   for r in shard_reports:
     skipped.update(r["skipped"])
+    repaired.update(r.get("repaired", {}))
   info = builder.finalize(spec.out_dir, spec.name, opts, extra_info={
       "vocab_file": keep_vocab(spec.vocab_file, spec.out_dir), "max_text_len": spec.max_text_len,
-      "skipped": dict(skipped), "image_id_mode": spec.image_id_mode,
+      "skipped": dict(skipped), "repaired": dict(repaired), "image_id_mode": spec.image_id_mode,
       "sources": {"regions": spec.regions, "captions": spec.captions,
                   "caption_source": spec.caption_source, "vocab_file": spec.vocab_file},
       **spec.extra_info})
@@ -212,6 +213,9 @@ def finalize_dataset(spec: BuildSpec) -> dict:
                                           for s, (r, p) in sorted(kept.items())))
   print(f"{spec.name}: skipped {sum(skipped.values())}" +
         ("".join(f"\n  {k}: {v}" for k, v in sorted(skipped.items())) if skipped else ""))
+  if repaired:
+    print(f"{spec.name}: kept after repair {sum(repaired.values())}"
+          + "".join(f"\n  {k}: {v}" for k, v in sorted(repaired.items())))
   return info
 
 

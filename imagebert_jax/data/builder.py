@@ -41,6 +41,7 @@ class BuildReport:
   pairs: int = 0
   num_bytes: int = 0
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  repaired: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   messages: list = dataclasses.field(default_factory=list)
   seconds: float = 0.0
 
@@ -53,8 +54,12 @@ class BuildReport:
       self.messages.append(message)
 
   def note(self, reason: str, message: str) -> None:
-    """Counts a problem that was repaired, not skipped (boxes beyond the maximum cut off)."""
-    self.skip(reason, message, what="repaired")
+    """Counts a problem that was repaired, not skipped (boxes beyond the maximum cut off): the
+    item is kept."""
+    self.repaired[reason] += 1
+    logging.info("repaired: %s", message)
+    if len(self.messages) < MAX_MESSAGES:
+      self.messages.append(message)
 
   @property
   def total_skipped(self) -> int:
@@ -62,13 +67,16 @@ class BuildReport:
 
   def to_json(self) -> dict:
     return {"records": self.records, "pairs": self.pairs, "num_bytes": self.num_bytes,
-            "skipped": dict(self.skipped), "messages": self.messages,
+            "skipped": dict(self.skipped), "repaired": dict(self.repaired),
+            "messages": self.messages,
             "seconds": round(self.seconds, 2)}
 
   def summary(self) -> str:
     skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
+    repaired = ", ".join(f"{k}: {v}" for k, v in sorted(self.repaired.items()))
     return (f"{self.records} records ({self.pairs} caption pairs) kept; "
-            f"{self.total_skipped} problems ({skipped})")
+            f"{self.total_skipped} problems ({skipped})"
+            + (f"; kept after repair: {repaired}" if repaired else ""))
 
 
 class ShardWriter:

@@ -24,7 +24,6 @@ least `min_boxes` (taking the best below the threshold if needed) and at most `m
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Sequence
 
