@@ -122,6 +122,12 @@ def make_sources(rng) -> None:
     f.writelines(json.dumps({"image_id": f"w{i}", "caption": f"web pair {i}"}) + "\n"
                  for i in range(4))
   _ibrf("web_features/web-0.ibrf", [f"w{i}" for i in range(4)], rng)
+  # The realistic scenes, by the README's generator command (a few images instead of 1,150).
+  from imagebert_jax.data import realistic
+  for args in commands(readme(), "python -m imagebert_jax.data.realistic"):
+    out_dir = args[args.index("--out_dir") + 1]
+    splits = realistic.parse_splits(args[args.index("--images") + 1])
+    realistic.generate(out_dir, {k: 2 for k in splits}, realistic.RealisticSpec(seed=0))
   # A pretraining checkpoints folder for the retrieval configs (the check needs its step).
   os.makedirs("runs/pretrain/stage2/checkpoints/1/state", exist_ok=True)
 
@@ -147,7 +153,9 @@ def stand_ins(tmp_path_factory):
 
 def test_readme_build_commands_make_the_datasets_the_configs_read(stand_ins):
   _, built = stand_ins
-  assert sorted(built) == ["data/cc", "data/coco", "data/flickr30k", "data/sbu", "data/web"]
+  assert sorted(built) == ["data/cc", "data/coco", "data/flickr30k", "data/sbu", "data/scenes",
+                           "data/web"]
+  assert sorted(built["data/scenes"]["splits"]) == ["test", "train", "val"]
   assert sorted(built["data/flickr30k"]["splits"]) == ["test", "train", "val"]
   assert sorted(built["data/coco"]["splits"]) == ["restval", "test", "train", "val"]
   for name in ("data/cc", "data/sbu", "data/web"):
