@@ -5,7 +5,7 @@ detector-like 2048-d region features of 10 to 100 regions per image (the 36 most
 captions from a grammar about each image's few salient things, 1,000 train, 50 validation and 100
 test images written in the public TSV and Karpathy formats and built like downloaded data. It runs
 the real code path: the builder, tf.data, global arrays on a device mesh, the jitted steps, Orbax
-checkpoints, TensorBoard and metrics.jsonl; about 15 minutes on a 2-core CPU.
+checkpoints, TensorBoard and metrics.jsonl; about 12 minutes on a 2-core CPU.
 
 What it takes for a 4-layer model from scratch to learn matching there (the README's design notes
 have the measurements): region inputs normalised (a LayerNorm on each region's features, and on

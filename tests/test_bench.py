@@ -55,39 +55,37 @@ def test_bench_runs_on_cpu_and_prints_a_table(tmp_path):
   results = tmp_path / "results.jsonl"
   results.write_text(json.dumps({"label": "tests", "status": "failed", "seconds": 3}) + "\n")
   out = subprocess.run(
-      [sys.executable, "-m", "imagebert_jax.bench", "--config", "configs/demo.py",
+      [sys.executable, "-m", "imagebert_jax.bench", "--config", "configs/demo.py:smoke",
        "--batch_size", "16", "--steps", "2", "--warmup", "1", "--vocab_size", "64",
        "--score_tile", "4x8", "--results", str(results), "--label", "demo",
-       "--modes", "train,finetune,score", "--candidates", "2,4", "--num_hard", "2"],
+       "--modes", "train,finetune,score", "--candidates", "3", "--num_hard", "1"],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
       env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-2000:]
   lines = out.stdout.strip().splitlines()
-  header = lines[-6].split()
+  header = lines[-5].split()
   assert header[:3] == ["mode", "device", "dtype"] and "samples_per_s" in header
   rows = {}
-  for line in lines[-4:]:
+  for line in lines[-3:]:
     cells = line.split()
     rows[cells[0]] = dict(zip(header, [cells[0], " ".join(cells[1:3])] + cells[3:]))
   assert float(rows["train"]["samples_per_s"].replace(",", "")) > 0
   assert float(rows["score"]["pairs_per_s"].replace(",", "")) > 0
   assert rows["score"]["batch"] == "32"  # the 4 x 8 tile
-  # Fine-tuning rows: M = K = 2 (random negatives) and M = 4 mined.
-  assert set(rows) == {"train", "ft-M2K2", "ft-M4K2", "score"}
-  for mode in ("ft-M2K2", "ft-M4K2"):
-    assert float(rows[mode]["samples_per_s"].replace(",", "")) > 0
+  # The fine-tuning row: the best K = 1 of M = 3 candidates mined.
+  assert set(rows) == {"train", "ft-M3K1", "score"}
+  assert float(rows["ft-M3K1"]["samples_per_s"].replace(",", "")) > 0
   assert int(rows["train"]["params"].replace(",", "")) > 50_000
   # The rows went to --results too; --summary makes one table of them and of status rows.
   saved = [json.loads(line) for line in results.read_text().splitlines()]
   assert [(r["label"], r.get("mode")) for r in saved] == [
-      ("tests", None), ("demo", "train"), ("demo", "ft-M2K2"), ("demo", "ft-M4K2"),
-      ("demo", "score")]
+      ("tests", None), ("demo", "train"), ("demo", "ft-M3K1"), ("demo", "score")]
   status = {"label": "demo", "status": "ok", "seconds": 20}
   table = bench.summary_table(saved + [status]).splitlines()
   assert table[0].split()[:3] == ["label", "status", "mode"]
   assert table[2].split()[:2] == ["tests", "failed"]
   assert table[3].split()[:3] == ["demo", "ok", "train"]
-  assert table[6].split()[:3] == ["demo", "ok", "score"]
+  assert table[5].split()[:3] == ["demo", "ok", "score"]
   assert f"{saved[1]['samples_per_s']:,.0f}" in table[3]
 
 
