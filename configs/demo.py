@@ -64,8 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Retrieval: fine-tune the pretrained model with the paper's three losses and the contrastive
   # one, and evaluate the test split before and after fine-tuning.
-  ft_data = data.copy_and_resolve_references()
-  c.stages.finetune = defaults.finetune_stage(ft_data, from_stage="pretrain",
+  c.stages.finetune = defaults.finetune_stage(data, from_stage="pretrain",
                                               batch_size=16 if smoke else 32,
                                               num_steps=6 if smoke else 300,
                                               learning_rate=1e-3 if smoke else 5e-4)

@@ -129,20 +129,22 @@ def synthetic_batch(key: jax.Array, cfg: ModelConfig, batch: int, obj: PretrainO
   }
 
 
-def _objective(config, model_cfg: ModelConfig, stage: str) -> PretrainObjective:
-  """The stage's pretraining objective (the defaults for a stage of another kind), with the
-  special ids of a BERT-uncased vocabulary, or of the demo's, by the model's vocabulary size."""
+def _special_ids(model_cfg: ModelConfig):
+  """The special ids of a BERT-uncased vocabulary, or of the demo's, by the vocabulary size."""
   from imagebert_jax.data.tokenizer import SpecialIds
   v = model_cfg.vocab_size
   if v >= 30522:  # BERT uncased layout
-    ids = SpecialIds(pad_id=0, unk_id=100, cls_id=101, sep_id=102, mask_id=103, vocab_size=v,
-                     random_token_range=(999, v))
-  else:
-    ids = SpecialIds(pad_id=0, unk_id=1, cls_id=2, sep_id=3, mask_id=4, vocab_size=v,
-                     random_token_range=(5, v))
+    return SpecialIds(pad_id=0, unk_id=100, cls_id=101, sep_id=102, mask_id=103, vocab_size=v,
+                      random_token_range=(999, v))
+  return SpecialIds(pad_id=0, unk_id=1, cls_id=2, sep_id=3, mask_id=4, vocab_size=v,
+                    random_token_range=(5, v))
+
+
+def _objective(config, model_cfg: ModelConfig, stage: str) -> PretrainObjective:
+  """The stage's pretraining objective (the defaults for a stage of another kind)."""
   pretraining = stage in config.stages and config.stages[stage].kind == "pretrain"
   obj_cfg = config.stages[stage].objective if pretraining else config_defaults.objective_default()
-  return train.pretrain_objective(obj_cfg, ids)
+  return train.pretrain_objective(obj_cfg, _special_ids(model_cfg))
 
 
 def _memory(device, compiled) -> tuple[float | None, str]:
@@ -157,16 +159,16 @@ def _memory(device, compiled) -> tuple[float | None, str]:
     return None, "n/a"
 
 
-def retrieval_objective(config, obj: PretrainObjective, stage: str, num_candidates: int,
+def retrieval_objective(config, model_cfg: ModelConfig, stage: str, num_candidates: int,
                         num_hard: int) -> RetrievalObjective:
   """The fine-tuning objective of `stage` (the paper's three losses for a stage of another kind)
   with M = num_candidates mined candidates and K = min(num_hard, M) negatives."""
   finetuning = stage in config.stages and config.stages[stage].kind == "finetune"
-  values = (config.stages[stage].objective if finetuning
-            else config_defaults.retrieval_objective_default()).to_dict()
-  values.update(num_candidates=num_candidates, num_hard=min(num_hard, num_candidates),
-                hard_from_step=0)
-  return RetrievalObjective(pad_id=obj.pad_id, cls_id=obj.cls_id, sep_id=obj.sep_id, **values)
+  obj_cfg = (config.stages[stage].objective if finetuning
+             else config_defaults.retrieval_objective_default()).copy_and_resolve_references()
+  obj_cfg.update(num_candidates=num_candidates, num_hard=min(num_hard, num_candidates),
+                 hard_from_step=0)
+  return train.objective_for("finetune", obj_cfg, _special_ids(model_cfg))
 
 
 def bench_train(config, batch_size: int, steps: int, warmup: int, stage: str,
@@ -178,8 +180,7 @@ def bench_train(config, batch_size: int, steps: int, warmup: int, stage: str,
   loss_fn = functools.partial(pretrain_loss, obj=obj)
   ft_obj = None
   if num_candidates:
-    ft_obj = retrieval_objective(config, obj, stage, num_candidates, _NUM_HARD.value)
-    ft_obj.validate()
+    ft_obj = retrieval_objective(config, model_cfg, stage, num_candidates, _NUM_HARD.value)
     loss_fn = functools.partial(retrieval_loss, obj=ft_obj)
   text_words = model_cfg.max_text_len - 2
   mesh, rules = train.make_mesh(config)

@@ -21,7 +21,7 @@ from ml_collections import config_flags
 def _demo_config() -> str | None:
   """configs/demo.py of the checkout the package runs from (an editable install, or none);
   None where the package was installed without its checkout (--config is then required)."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "configs",
                       "demo.py")
   return path if os.path.isfile(path) else None
 

@@ -56,6 +56,14 @@ class LearningMonitor:
       logging.info("[%s] step %d: %s no longer holds", self.stage, step, name)
     self._raised.discard(name)
 
+  def _update(self, name: str, step: int, holds: bool, message: str) -> float:
+    """Raises or clears alarm `name`; its metric value (1.0 while it holds)."""
+    if holds:
+      self._raise(name, step, message)
+      return 1.0
+    self._clear(name, step)
+    return 0.0
+
   def check(self, step: int, scalars: dict[str, float]) -> dict[str, float]:
     out = {}
     for key in SPREAD_METRICS:
@@ -64,26 +72,19 @@ class LearningMonitor:
       name = f"alarm/{key.replace('_std', '')}_collapse"
       value = scalars[key]
       self._low[key] = self._low[key] + 1 if value < self.cfg.min_score_std else 0
-      if self._low[key] >= self.cfg.patience:
-        self._raise(name, step, f"the {key.replace('_std', '').replace('_', ' ')}s have lost "
-                    f"their spread across the batch (std {value:.2e} < "
-                    f"{self.cfg.min_score_std:g} for {self._low[key]} log intervals): the "
-                    "scorer is collapsing to a constant and its gradients vanish")
-        out[name] = 1.0
-      else:
-        self._clear(name, step)
-        out[name] = 0.0
+      out[name] = self._update(
+          name, step, self._low[key] >= self.cfg.patience,
+          f"the {key.replace('_std', '').replace('_', ' ')}s have lost their spread across the "
+          f"batch (std {value:.2e} < {self.cfg.min_score_std:g} for {self._low[key]} log "
+          "intervals): the scorer is collapsing to a constant and its gradients vanish")
     if self.cfg.itm_chance_steps and "itm_accuracy" in scalars:
       p = scalars.get("itm_positive_share", 0.5)
       chance = max(p, 1.0 - p)
       name = "alarm/itm_at_chance"
-      if step >= self.cfg.itm_chance_steps and scalars["itm_accuracy"] <= chance + \
-          self.cfg.chance_margin:
-        self._raise(name, step, f"image-text matching accuracy {scalars['itm_accuracy']:.3f} is "
-                    f"still at chance ({chance:.3f}) after {step} steps: the model is not "
-                    "learning to match")
-        out[name] = 1.0
-      else:
-        self._clear(name, step)
-        out[name] = 0.0
+      at_chance = (step >= self.cfg.itm_chance_steps
+                   and scalars["itm_accuracy"] <= chance + self.cfg.chance_margin)
+      out[name] = self._update(
+          name, step, at_chance,
+          f"image-text matching accuracy {scalars['itm_accuracy']:.3f} is still at chance "
+          f"({chance:.3f}) after {step} steps: the model is not learning to match")
     return out

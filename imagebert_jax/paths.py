@@ -40,13 +40,13 @@ def path(p: PathLike) -> epath.Path:
 def absolute(p: PathLike) -> str:
   """A local path made absolute (`~` expanded); a URL as it is, without a trailing slash.
 
-  Where os.path.abspath would turn `gs://b/x` into the local folder `./gs:/b/x`.
+  (Joining a URL onto the current folder would make `gs://b/x` the local folder `./gs:/b/x`.)
   """
   p = str(p)
   if is_url(p):
     scheme, _, rest = p.partition("://")
     return f"{scheme}://{rest.rstrip('/')}"
-  return os.path.abspath(os.path.expanduser(p))
+  return os.path.normpath(os.path.join(os.getcwd(), os.path.expanduser(p)))
 
 
 def join(base: PathLike, *parts: str) -> str:

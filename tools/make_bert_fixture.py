@@ -21,6 +21,8 @@ import os
 
 import numpy as np
 
+from imagebert_jax import paths
+
 SENTENCES = [
     "A man riding a wave on top of a surfboard.",
     "Two dogs play in the snow.",
@@ -36,7 +38,7 @@ def model_dir() -> str:
   return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+FIXTURES = os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", "tests", "fixtures")
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=64, max_position_embeddings=40, type_vocab_size=2,
             hidden_act="gelu", layer_norm_eps=1e-12)
@@ -79,7 +81,7 @@ def tiny_mlm() -> None:
       attention_mask=mask.astype(np.int32),
       prediction_logits=out.prediction_logits.numpy().astype(np.float32),
       versions=versions())
-  print("wrote", os.path.abspath(out_dir))
+  print("wrote", paths.absolute(out_dir))
 
 
 def main():
@@ -103,7 +105,7 @@ def main():
       sentences=np.array(SENTENCES),
       versions=np.array([f"transformers {transformers.__version__}",
                          f"torch {torch.__version__}"]))
-  print("wrote", os.path.abspath(out_path))
+  print("wrote", paths.absolute(out_path))
 
 
 if __name__ == "__main__":
