@@ -167,14 +167,19 @@ def test_uniter_npz_with_karpathy_captions(tmp_path, vocab):
   assert ex["image_id"] == b"9"
 
 
-def test_cc_and_sbu_caption_ids(tmp_path, vocab):
-  rng = np.random.default_rng(3)
-  regions = tmp_path / "r.ibrf"
-  with RegionFileWriter(str(regions)) as w:
-    for image_id in ("0", "2", "4385058960"):
+def write_regions(path: str, image_ids, rng) -> None:
+  """A region file of 10 x 10 images with three random boxes each."""
+  with RegionFileWriter(path) as w:
+    for image_id in image_ids:
       w.write(RegionRecord(image_id=image_id, image_w=10, image_h=10, boxes=boxes(rng, 3),
                            features=rng.normal(size=(3, D)).astype(np.float16),
                            object_id=np.zeros(3, np.int32), object_conf=np.ones(3, np.float32)))
+
+
+def test_cc_and_sbu_caption_ids(tmp_path, vocab):
+  rng = np.random.default_rng(3)
+  regions = tmp_path / "r.ibrf"
+  write_regions(str(regions), ("0", "2", "4385058960"), rng)
   cc = tmp_path / "Train_GCC-training.tsv"
   cc.write_text("a dog\thttp://x/1.jpg\n\thttp://x/2.jpg\na cat\thttp://x/3.jpg\n")
   info = build_lib.build_dataset(spec(tmp_path, vocab, [str(regions)], [str(cc)], "cc",
@@ -303,11 +308,7 @@ def two_images(tmp_path):
   """A region file of the images '0', '1' and '4385058960'."""
   rng = np.random.default_rng(7)
   path = tmp_path / "r.ibrf"
-  with RegionFileWriter(str(path)) as w:
-    for image_id in ("0", "1", "4385058960"):
-      w.write(RegionRecord(image_id=image_id, image_w=10, image_h=10, boxes=boxes(rng, 3),
-                           features=rng.normal(size=(3, D)).astype(np.float16),
-                           object_id=np.zeros(3, np.int32), object_conf=np.ones(3, np.float32)))
+  write_regions(str(path), ("0", "1", "4385058960"), rng)
   return str(path)
 
 
