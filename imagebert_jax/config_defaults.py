@@ -69,7 +69,9 @@ def objective_default() -> ConfigDict:
 def optim_default(learning_rate: float = 1e-4) -> ConfigDict:
   return ConfigDict(dict(
       learning_rate=learning_rate, warmup_steps=10_000, end_lr_fraction=0.0, weight_decay=0.01,
-      b1=0.9, b2=0.999, eps=1e-6, grad_clip_norm=1.0))
+      b1=0.9, b2=0.999, eps=1e-6, grad_clip_norm=1.0,
+      # "pattern=factor,...": a larger step for the parameters a pattern names (optim.py).
+      lr_scale=""))
 
 
 def train_default(batch_size: int = 48, num_steps: int = 1_000_000) -> ConfigDict:

@@ -412,6 +412,8 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
     state = state.replace(params=with_feature_statistics(
         name, state.params, model_cfg, data_dir, stage.data.train_split))
   state_lib.log_param_count(state.params)
+  if stage.optim.get("lr_scale", ""):
+    optim.lr_scale_tree(state.params, stage.optim.lr_scale)  # a pattern naming nothing: refused
   start_step = int(jax.device_get(state.step))
 
   # ---- Steps ----------------------------------------------------------------------------------

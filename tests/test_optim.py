@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from imagebert_jax import optim
 
@@ -59,3 +60,37 @@ def test_gradients_clipped_to_global_norm():
     m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.999**t)
     want = -float(sched(t - 1)) * m_hat / (np.sqrt(v_hat) + 1e-6)
     np.testing.assert_allclose(updates["w"], want, rtol=1e-4)
+
+
+def test_lr_scale_multiplies_the_named_parameters_steps():
+  """Adam's first step is lr x sign(g) (m_hat / sqrt(v_hat) = g / |g|): the named parameters
+  move `factor` times as far, the others as without the option."""
+  cfg = _cfg(weight_decay=0.0, warmup_steps=0, learning_rate=1e-2, grad_clip_norm=0.0,
+             lr_scale="region_*=10,itm=3")
+  params = {"region_feature": {"kernel": jnp.zeros(2)}, "region_position": jnp.zeros(2),
+            "itm": {"kernel": jnp.zeros(2)}, "itm_other": jnp.zeros(2),
+            "encoder": {"kernel": jnp.zeros(2)}}
+  grads = jax.tree.map(lambda p: jnp.array([0.5, -2.0]), params)
+  tx, _ = optim.make_optimizer(cfg, total_steps=100)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  step = -1e-2 * np.array([1.0, -1.0])
+  np.testing.assert_allclose(updates["region_feature"]["kernel"], 10 * step, rtol=1e-4)
+  np.testing.assert_allclose(updates["region_position"], 10 * step, rtol=1e-4)
+  np.testing.assert_allclose(updates["itm"]["kernel"], 3 * step, rtol=1e-4)
+  np.testing.assert_allclose(updates["itm_other"], step, rtol=1e-4)  # a pattern, not a prefix
+  np.testing.assert_allclose(updates["encoder"]["kernel"], step, rtol=1e-4)
+
+
+def test_lr_scale_refuses_what_it_cannot_apply():
+  params = {"encoder": {"kernel": jnp.zeros(2)}}
+  for text, words in [("region_*", "pattern=factor"), ("region_*=0", "positive"),
+                      ("=2", "pattern=factor"), ("region_*=x", "pattern=factor")]:
+    with pytest.raises(ValueError, match=words) as err:
+      optim.parse_lr_scale(text)
+    assert "config.optim.lr_scale" in str(err.value)
+  with pytest.raises(ValueError, match="regoin_.* matches no parameter"):
+    optim.lr_scale_tree(params, "regoin_*=10")
+  # Without the option the optimizer state is the one other runs checkpointed.
+  plain, _ = optim.make_optimizer(_cfg(), total_steps=10)
+  empty, _ = optim.make_optimizer(_cfg(lr_scale=""), total_steps=10)
+  assert (jax.tree.structure(plain.init(params)) == jax.tree.structure(empty.init(params)))
