@@ -51,7 +51,8 @@ def model_base() -> ConfigDict:
       max_position_embeddings=512, type_vocab_size=2, dropout_rate=0.1,
       attention_dropout_rate=0.1, layer_norm_eps=1e-12, initializer_range=0.02,
       dtype="bfloat16", param_dtype="float32", attention_impl="auto", remat="none",
-      region_input_norm="none", region_part_norms=False, itc_dim=256))
+      region_input_norm="none", region_part_norms=False, itc_dim=256,
+      retrieval_itc_weight=0.0))
 
 
 def mesh_default() -> ConfigDict:

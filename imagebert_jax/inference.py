@@ -211,7 +211,8 @@ def weights_digest(params: Any) -> str:
 class Hit:
   """One ranked candidate. `score` is the cross-encoder's logit (None when it was not rescored:
   ranked by the first stage only); `itc_score` the embeddings' dot product, `itc_rank` the
-  candidate's 0-based place in the first stage."""
+  candidate's 0-based place in the first stage. Rescored candidates are ordered by `score`, plus
+  `itc_weight` x `itc_score` when the model ranks with both (ModelConfig.retrieval_itc_weight)."""
 
   index: int
   rank: int
@@ -221,13 +222,13 @@ class Hit:
 
 
 def two_stage_rank(first: np.ndarray, cross: Callable[[np.ndarray, np.ndarray], np.ndarray], *,
-                   k: int, rerank_k: int) -> list[list[Hit]]:
+                   k: int, rerank_k: int, itc_weight: float = 0.0) -> list[list[Hit]]:
   """Top-`k` hits per query from first-stage scores [Q, N] and a cross-encoder.
 
   Each query's `rerank_k` best candidates by `first` (all N when `rerank_k` is 0) are scored by
   `cross(query_index [P], candidate_index [P]) -> [P]` in one call for all queries, and ranked by
-  that score (ties keep the first stage's order) ahead of the other candidates, which keep the
-  first stage's order.
+  that score plus `itc_weight` x their first-stage score (ties keep the first stage's order)
+  ahead of the other candidates, which keep the first stage's order.
   """
   first = np.asarray(first, np.float32)
   q, n = first.shape
@@ -238,8 +239,10 @@ def two_stage_rank(first: np.ndarray, cross: Callable[[np.ndarray, np.ndarray], 
   second = np.asarray(cross(qi, cand.reshape(-1)), np.float32).reshape(q, depth) if depth else \
       np.zeros((q, 0), np.float32)
   out = []
+  key = second + np.float32(itc_weight) * np.take_along_axis(first, cand, axis=1) \
+      if itc_weight else second
   for a in range(q):
-    reranked = np.argsort(-second[a], kind="stable")
+    reranked = np.argsort(-key[a], kind="stable")
     final = np.concatenate([cand[a, reranked], order[a, depth:]])[:k]
     itc_rank = np.empty(n, np.int64)
     itc_rank[order[a]] = np.arange(n)
@@ -313,6 +316,8 @@ class TrainedModel:
 
     self._text_emb, self._image_emb, self._cross = (jax.jit(f) for f in (text_emb, image_emb,
                                                                           cross))
+    # What ranking adds to the matching logit per unit of cosine (0: the logit alone).
+    self.itc_weight = float(jax.device_get(merged(params).retrieval_cosine_weight()))
 
   # ---- Loading ------------------------------------------------------------------------------
   @classmethod
@@ -452,7 +457,7 @@ class TrainedModel:
       return self.score_pairs((gallery.region_feat[j], gallery.region_loc[j],
                                gallery.num_regions[j]), ids[q])
 
-    return two_stage_rank(first, cross, k=k, rerank_k=rerank_k)
+    return two_stage_rank(first, cross, k=k, rerank_k=rerank_k, itc_weight=self.itc_weight)
 
   def rank_texts(self, images: Sequence[Any] | tuple, gallery: Gallery | Sequence[str], *,
                  k: int = 10, rerank_k: int = 16) -> list[list[Hit]]:
@@ -465,4 +470,4 @@ class TrainedModel:
     def cross(q, j):
       return self.score_pairs((feat[q], loc[q], count[q]), gallery.text_ids[j])
 
-    return two_stage_rank(first, cross, k=k, rerank_k=rerank_k)
+    return two_stage_rank(first, cross, k=k, rerank_k=rerank_k, itc_weight=self.itc_weight)

@@ -450,7 +450,8 @@ def query(args) -> dict:
     t1 = time.time()
     cross = lambda q, j: model.score_pairs((data.region_feat[j], loc[j], data.num_regions[j]),
                                            ids[q])
-    hits = two_stage_rank(first, cross, k=args.top_k, rerank_k=args.rerank_k)
+    hits = two_stage_rank(first, cross, k=args.top_k, rerank_k=args.rerank_k,
+                          itc_weight=model.itc_weight)
     t2 = time.time()
     pairs = len(texts) * (len(data) if args.rerank_k <= 0 else min(args.rerank_k, len(data)))
     for q, text in enumerate(texts):

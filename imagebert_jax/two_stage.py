@@ -6,7 +6,10 @@ regions, `text_embedding` over a caption): N + C passes for N images and C capti
 products rank every candidate. Stage two scores with the cross-encoder only the pairs some query
 keeps: each image's K best captions and each caption's K best images, at most (N + C) x K pairs
 instead of N x C. A query's final ranking is its K candidates ordered by the cross-encoder, then
-the other candidates in the first stage's order; `eval.rerank_k = 0` scores every pair instead
+the other candidates in the first stage's order (with `model.retrieval_itc_weight` the rescored
+candidates are ordered by the cross-encoder's logit plus that weight times the contrastive logit,
+and the cross-encoder's own ranking is reported as `cross_encoder/...`); `eval.rerank_k = 0`
+scores every pair instead
 (evaluate.score_all, the paper's protocol). Either way the first stage's own Recall@K is reported
 (`itc/...` in metrics.json) beside the final one, with the pairs the cross-encoder scored and the
 time of each part.
@@ -271,7 +274,9 @@ def score_pairs(params: Any, split: eval_lib.Split, pairs: np.ndarray, graphdef:
 class Result:
   scores: np.ndarray        # [N, C] the cross-encoder's logits; NaN where it scored nothing
   itc_scores: np.ndarray    # [N, C] the embeddings' dot products
-  metrics: dict[str, float]  # the final ranking's, then `itc/...`: the first stage's
+  metrics: dict[str, float]  # the final ranking's, then `itc/...`: the first stage's, and
+  #                            `cross_encoder/...` (its logit alone) when the ranking adds the
+  #                            contrastive logit (ModelConfig.retrieval_itc_weight)
   by_protocol: dict[str, dict[str, float]]
   itc_by_protocol: dict[str, dict[str, float]]
   extra: dict               # pairs scored, timings
@@ -289,6 +294,11 @@ def evaluate_split(params: Any, split: eval_lib.Split, graphdef: Any, mesh, rule
   itc_metrics, itc_by_protocol = eval_lib.all_protocol_metrics(
       first, split.caption_image, split.source_order, ecfg.protocol)
   n_img, n_cap = first.shape
+  # The ranking score: the cross-encoder's logit, plus the contrastive logit when the model says
+  # so (ModelConfig.retrieval_itc_weight). NaN (not scored) stays NaN.
+  cosine_weight = float(jax.device_get(nnx.merge(graphdef, params).retrieval_cosine_weight()))
+  ranked = lambda cross: cross + cosine_weight * first if cosine_weight else cross
+  cross_metrics = {}
   if rerank_k:
     pl = plan(first, split.caption_image, split.source_order, ecfg.protocol, rerank_k)
     pairs = np.argwhere(pl.needed)
@@ -300,7 +310,9 @@ def evaluate_split(params: Any, split: eval_lib.Split, graphdef: Any, mesh, rule
     nonfinite = eval_lib.count_nonfinite(np.asarray(values), "cross-encoder")
     scores = np.full(first.shape, np.nan, np.float32)
     scores[pairs[:, 0], pairs[:, 1]] = values
-    metrics, by_protocol = plan_metrics(pl, first, scores, split.caption_image)
+    metrics, by_protocol = plan_metrics(pl, first, ranked(scores), split.caption_image)
+    if cosine_weight:
+      cross_metrics, _ = plan_metrics(pl, first, scores, split.caption_image)
     parallel.barrier("rerank_chunks_read")  # every process has read them: now they can go
     if jax.process_index() == 0:
       paths.rmtree(paths.join(out_dir, RERANK_CHUNKS))
@@ -314,12 +326,17 @@ def evaluate_split(params: Any, split: eval_lib.Split, graphdef: Any, mesh, rule
     t2 = time.time()
     parallel.barrier("chunks_read")  # before process 0's write_results removes them
     nonfinite = eval_lib.count_nonfinite(scores, "cross-encoder")
-    metrics, by_protocol = eval_lib.all_protocol_metrics(scores, split.caption_image,
+    metrics, by_protocol = eval_lib.all_protocol_metrics(ranked(scores), split.caption_image,
                                                          split.source_order, ecfg.protocol)
+    if cosine_weight:
+      cross_metrics, _ = eval_lib.all_protocol_metrics(scores, split.caption_image,
+                                                       split.source_order, ecfg.protocol)
     scored = n_img * n_cap
   t3 = time.time()
-  metrics = {**metrics, **{f"itc/{key}": v for key, v in itc_metrics.items()}}
+  metrics = {**metrics, **{f"itc/{key}": v for key, v in itc_metrics.items()},
+             **{f"cross_encoder/{key}": v for key, v in cross_metrics.items()}}
   extra = {"rerank_k": rerank_k, "pairs_scored": int(scored), "all_pairs": int(n_img * n_cap),
+           "itc_weight_per_cosine": round(cosine_weight, 4),
            "nonfinite_scores": nonfinite,
            "pair_reduction": round(n_img * n_cap / max(scored, 1), 2),
            "seconds_itc": round(t1 - t0, 2), "seconds_cross_encoder": round(t2 - t1, 2),

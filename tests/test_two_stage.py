@@ -208,3 +208,52 @@ def test_evaluation_stage_in_two_stages(demo_smoke_run, tmp_path):
   zero_itc = np.load(os.path.join(demo, "zero_shot", "itc_scores.npy"))
   for key, value in evaluate.recall(zero_itc, owner).items():
     assert zero[f"itc/{key}"] == pytest.approx(value)
+
+
+def test_ranking_adds_the_contrastive_logit_when_the_model_says_so(demo_smoke_run, tmp_path):
+  """model.retrieval_itc_weight = 0.5: the rescored candidates are ordered by the cross-encoder's
+  logit + 0.5 x scale x cosine; the cross-encoder's own ranking is still reported."""
+  from imagebert_jax.inference import TrainedModel
+  _, demo, _ = demo_smoke_run
+  k, weight = 4, 0.5
+  config = _evaluation_config(demo_smoke_run, k)
+  config.model.retrieval_itc_weight = weight
+  train.train_and_evaluate(config, str(tmp_path))
+  out = tmp_path / "two_stage"
+  with open(out / "metrics.json") as f:
+    m = json.load(f)
+  model = TrainedModel.load(os.path.join(demo, "finetune"), batch_size=64)
+  scale = float(nnx.merge(model.graphdef, model.params).itc_scale())
+  owner = np.load(os.path.join(demo, "finetuned", "caption_image.npy"))
+  cross = np.load(os.path.join(demo, "finetuned", "scores.npy"))  # every pair, weight 0
+  itc = np.load(out / "itc_scores.npy")
+  assert m["itc_weight_per_cosine"] == pytest.approx(weight * scale, rel=1e-3)
+  for name, second in (("", cross + weight * scale * itc), ("cross_encoder/", cross)):
+    i2t, t2i = sorted_ranks(itc, second, k, owner)
+    for d, ranks in (("i2t", i2t), ("t2i", t2i)):
+      for r in (1, 5, 10):
+        assert m[f"{name}{d}_R@{r}"] == pytest.approx(100 * np.mean(ranks < r))
+  # The API ranks the same way when its model carries the weight.
+  model.itc_weight = weight * scale
+  split = evaluate.load_split(os.path.join(demo, "synthetic_data"), "test",
+                              max_text_len=model.cfg.max_text_len,
+                              max_regions=model.cfg.max_regions, pad_id=model.ids.pad_id,
+                              sep_id=model.ids.sep_id)
+  from imagebert_jax.data.records import split_records
+  gallery = model.image_gallery(list(split_records(os.path.join(demo, "synthetic_data"), "test")))
+  hits = model.rank_images(split.text_ids[:5], gallery, k=k, rerank_k=k)
+  for q in range(5):
+    top = np.argsort(-itc[:, q])[:k]
+    want = sorted(top.tolist(), key=lambda i: -(cross[i, q] + weight * scale * itc[i, q]))
+    assert [h.index for h in hits[q]] == want
+
+
+def test_api_ranking_with_a_contrastive_weight_by_hand():
+  from imagebert_jax.inference import two_stage_rank
+  first = np.array([[0.9, 0.5, 0.1, 0.0]], np.float32)  # candidates 0, 1, 2 rescored
+  cross = lambda q, j: np.array([0.0, 0.3, 0.2], np.float32)[j]
+  plain = two_stage_rank(first, cross, k=4, rerank_k=3)[0]
+  assert [h.index for h in plain] == [1, 2, 0, 3]  # by the logit: 0.3, 0.2, 0.0
+  fused = two_stage_rank(first, cross, k=4, rerank_k=3, itc_weight=1.0)[0]
+  assert [h.index for h in fused] == [0, 1, 2, 3]  # 0.9, 0.8, 0.3; then the first stage
+  assert [h.score for h in fused[:3]] == pytest.approx([0.0, 0.3, 0.2])

@@ -47,6 +47,11 @@ class ModelConfig:
   # The image-text contrastive head: [CLS] of the encoder run on one modality, projected to this
   # many dimensions and normalised (two-stage retrieval; an optional training objective).
   itc_dim: int = 256
+  # Retrieval ranks candidates by the cross-encoder's matching logit plus this weight times the
+  # contrastive logit (the learned scale times the embeddings' cosine) wherever both are
+  # computed: 0 ranks by the matching logit alone (the paper); 1 adds the two logits (BLIP's
+  # retrieval adds its matching score and the embeddings' similarity the same way).
+  retrieval_itc_weight: float = 0.0
 
   @property
   def seq_len(self) -> int:
@@ -99,6 +104,9 @@ class ModelConfig:
     if self.region_input_norm not in ("standardise", "layernorm", "none"):
       raise ValueError(f"config.model.region_input_norm={self.region_input_norm!r}: want "
                        "standardise, layernorm or none")
+    if not self.retrieval_itc_weight >= 0.0:
+      raise ValueError(f"config.model.retrieval_itc_weight={self.retrieval_itc_weight}: want a "
+                       "weight >= 0")
     if self.itc_dim < 1:
       raise ValueError(f"config.model.itc_dim={self.itc_dim}: want a positive size")
     if self.remat not in ("none", "full", "dots"):

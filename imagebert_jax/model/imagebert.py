@@ -218,6 +218,11 @@ class ImageBert(nnx.Module):
     """The contrastive logit scale, at most 100 (as CLIP clamps it)."""
     return jnp.exp(jnp.minimum(self.itc_log_scale[...].astype(jnp.float32), math.log(100.0)))
 
+  def retrieval_cosine_weight(self) -> jax.Array:
+    """What retrieval adds to the matching logit per unit of the embeddings' cosine:
+    `retrieval_itc_weight` x the contrastive scale (ModelConfig)."""
+    return self.cfg.retrieval_itc_weight * self.itc_scale()
+
   def mlm_logits(self, h: jax.Array) -> jax.Array:
     """Masked-token logits over the vocabulary (decoder tied to the word embeddings), float32."""
     return (self.word.attend(self.mlm_transform(h), dtype=jnp.float32)
