@@ -1,17 +1,27 @@
-"""Test set-up: 8 simulated CPU devices (set before JAX starts), float32, no network.
+"""Test set-up: 8 simulated CPU devices (set before JAX starts), float32, no network, and one
+JAX compilation cache for the session (the tests and the processes they start compile the same
+small models again and again; a cached executable is the one the compiler would have produced).
 
 JAX runs on the CPU unless JAX_PLATFORMS is set already: on a GPU machine, JAX_PLATFORMS=cuda
 runs the tests marked `gpu` there (benchmarks/gpu_session.sh does so). Those are skipped when
 JAX sees no GPU, and fail instead when IMAGEBERT_EXPECT_GPU=1 says there should be one.
 """
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 if "JAX_PLATFORMS" not in os.environ:
   os.environ["JAX_PLATFORMS"] = "cpu"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="imagebert_test_jax_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache  # inherited by the processes tests start
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
