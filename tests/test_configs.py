@@ -218,6 +218,21 @@ def test_every_shipped_config_passes_its_check_with_its_documented_command(
           assert os.path.isdir(d), (name, stage_name, d)
 
 
+def test_demo_variants_pass_their_check(tmp_path):
+  """`demo.py:smoke` (the tests' demo) and `demo.py:minilm` (fine-tuning from the MiniLM
+  checkpoint the test install ships)."""
+  from conftest import load_config
+  from imagebert_jax import validate
+  for arg in ("smoke", "minilm"):
+    config = load_config("demo", arg)
+    validate.validate(config, str(tmp_path / arg))
+  config = load_config("demo", "minilm")
+  assert config.run == "finetune,finetuned" and config.stages.finetune.init.bert
+  assert os.path.isfile(config.text.vocab_file)
+  with pytest.raises(ValueError, match=r"configs/demo.py:large"):
+    load_config("demo", "large")
+
+
 def test_paper_config_reads_every_readme_dataset(stand_ins):
   """The README's Cloud TPU command runs configs/imagebert_paper.py with its default paths: they
   are the folders the README's build commands write."""

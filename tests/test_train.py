@@ -117,7 +117,7 @@ def test_unknown_stage_and_kind_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_demo_learns_on_realistic_scenes(tmp_path):
-  """A shortened demo on the realistic generator (2048-d detector-like features, 36 regions):
+  """A shortened demo on the realistic generator (2048-d detector-like features, 16 regions):
   the masked losses fall, accuracies beat chance by a wide margin, and the contrastive loss,
   which teaches matching, falls well below its chance level (ln of the batch size)."""
   config = load_config("demo")
