@@ -57,9 +57,10 @@ def parse_lr_scale(text: str) -> list[tuple[str, float]]:
   return out
 
 
-def lr_scale_tree(params: Any, text: str) -> Any:
-  """Per-parameter learning-rate factors: the first matching pattern's factor, else 1."""
-  rules = parse_lr_scale(text)
+def lr_scale_tree(params: Any, rules: str | list[tuple[str, float]]) -> Any:
+  """Per-parameter learning-rate factors: the first matching pattern's factor, else 1. `rules`:
+  the config's text or `parse_lr_scale`'s list."""
+  rules = parse_lr_scale(rules) if isinstance(rules, str) else rules
   used = set()
 
   def factor(path, _):
@@ -78,15 +79,17 @@ def lr_scale_tree(params: Any, text: str) -> Any:
   return tree
 
 
-def scale_by_tree(factors_for: Any) -> optax.GradientTransformation:
-  """Multiplies each update by its factor (`factors_for(params)` -> a tree of floats)."""
+def scale_by_lr_scale(rules: list[tuple[str, float]]) -> optax.GradientTransformation:
+  """Multiplies each update by its parameter's factor (`lr_scale_tree`; found when the step is
+  traced, so a jitted step pays nothing for it)."""
 
   def init(params):
     del params
     return optax.EmptyState()
 
   def update(updates, state, params=None):
-    factors = factors_for(updates)
+    del params
+    factors = lr_scale_tree(updates, rules)
     return jax.tree.map(lambda u, f: u if f == 1.0 else u * f, updates, factors), state
 
   return optax.GradientTransformation(init, update)
@@ -104,7 +107,7 @@ def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransforma
     parts.append(optax.clip_by_global_norm(float(cfg.grad_clip_norm)))
   parts.append(optax.adamw(schedule, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
                            weight_decay=float(cfg.weight_decay), mask=decay_mask))
-  lr_scale = cfg.get("lr_scale", "")
-  if parse_lr_scale(lr_scale):  # only then: the optimizer state of other runs is unchanged
-    parts.append(scale_by_tree(lambda tree: lr_scale_tree(tree, lr_scale)))
+  rules = parse_lr_scale(cfg.get("lr_scale", ""))
+  if rules:  # only then: the optimizer state of other runs is unchanged
+    parts.append(scale_by_lr_scale(rules))
   return optax.chain(*parts), schedule

@@ -294,11 +294,6 @@ def evaluate_split(params: Any, split: eval_lib.Split, graphdef: Any, mesh, rule
   itc_metrics, itc_by_protocol = eval_lib.all_protocol_metrics(
       first, split.caption_image, split.source_order, ecfg.protocol)
   n_img, n_cap = first.shape
-  # The ranking score: the cross-encoder's logit, plus the contrastive logit when the model says
-  # so (ModelConfig.retrieval_itc_weight). NaN (not scored) stays NaN.
-  cosine_weight = float(jax.device_get(nnx.merge(graphdef, params).retrieval_cosine_weight()))
-  ranked = lambda cross: cross + cosine_weight * first if cosine_weight else cross
-  cross_metrics = {}
   if rerank_k:
     pl = plan(first, split.caption_image, split.source_order, ecfg.protocol, rerank_k)
     pairs = np.argwhere(pl.needed)
@@ -310,9 +305,7 @@ def evaluate_split(params: Any, split: eval_lib.Split, graphdef: Any, mesh, rule
     nonfinite = eval_lib.count_nonfinite(np.asarray(values), "cross-encoder")
     scores = np.full(first.shape, np.nan, np.float32)
     scores[pairs[:, 0], pairs[:, 1]] = values
-    metrics, by_protocol = plan_metrics(pl, first, ranked(scores), split.caption_image)
-    if cosine_weight:
-      cross_metrics, _ = plan_metrics(pl, first, scores, split.caption_image)
+    metrics_of = lambda s: plan_metrics(pl, first, s, split.caption_image)
     parallel.barrier("rerank_chunks_read")  # every process has read them: now they can go
     if jax.process_index() == 0:
       paths.rmtree(paths.join(out_dir, RERANK_CHUNKS))
@@ -326,12 +319,15 @@ def evaluate_split(params: Any, split: eval_lib.Split, graphdef: Any, mesh, rule
     t2 = time.time()
     parallel.barrier("chunks_read")  # before process 0's write_results removes them
     nonfinite = eval_lib.count_nonfinite(scores, "cross-encoder")
-    metrics, by_protocol = eval_lib.all_protocol_metrics(ranked(scores), split.caption_image,
+    metrics_of = lambda s: eval_lib.all_protocol_metrics(s, split.caption_image,
                                                          split.source_order, ecfg.protocol)
-    if cosine_weight:
-      cross_metrics, _ = eval_lib.all_protocol_metrics(scores, split.caption_image,
-                                                       split.source_order, ecfg.protocol)
     scored = n_img * n_cap
+  # The ranking score: the cross-encoder's logit, plus the contrastive logit when the model says
+  # so (ModelConfig.retrieval_itc_weight; NaN, not scored, stays NaN), and then the
+  # cross-encoder's own ranking beside it.
+  cosine_weight = float(jax.device_get(nnx.merge(graphdef, params).retrieval_cosine_weight()))
+  metrics, by_protocol = metrics_of(scores + cosine_weight * first if cosine_weight else scores)
+  cross_metrics = metrics_of(scores)[0] if cosine_weight else {}
   t3 = time.time()
   metrics = {**metrics, **{f"itc/{key}": v for key, v in itc_metrics.items()},
              **{f"cross_encoder/{key}": v for key, v in cross_metrics.items()}}
