@@ -1,6 +1,7 @@
 """The learnability floor: a small dual encoder trained on a built dataset, with Recall@K.
 
     python -m benchmarks.dual_encoder --data_dir data/scenes [--max_regions 36] [--steps 1500]
+        [--protocol 5x100]
 
 Text: the sum of learned word vectors over the caption's WordPiece tokens (a bag of words).
 Image: the maximum over its regions of a linear projection of the region features, standardised
@@ -42,8 +43,9 @@ def load(data_dir: str, split: str, max_text_len: int, max_regions: int):
 def train_and_score(data_dir: str, *, train_split: str = "train", eval_split: str = "test",
                     max_text_len: int = 24, max_regions: int = 36, dim: int = 64,
                     steps: int = 1500, batch_size: int = 128, learning_rate: float = 3e-3,
-                    seed: int = 0) -> dict:
-  """Trains the dual encoder; returns Recall@K on `eval_split` and the training time."""
+                    seed: int = 0, protocol: str = "full") -> dict:
+  """Trains the dual encoder; returns Recall@K on `eval_split` by `protocol` (as the evaluation
+  stage's `eval.protocol`) and the training time."""
   from imagebert_jax import evaluate
   train, ids = load(data_dir, train_split, max_text_len, max_regions)
   test, _ = load(data_dir, eval_split, max_text_len, max_regions)
@@ -112,7 +114,7 @@ def train_and_score(data_dir: str, *, train_split: str = "train", eval_split: st
   loss = float(loss)
   train_seconds = time.time() - t0
   scores = np.asarray(embed_images(params, te_x, te_m) @ embed_texts(params, te_t, te_w).T)
-  metrics = evaluate.recall(scores, test.caption_image)
+  metrics = evaluate.protocol_metrics(scores, test.caption_image, test.source_order, protocol)
   return {"metrics": metrics, "final_loss": loss, "train_seconds": round(train_seconds, 1),
           "images": test.num_images, "captions": test.num_captions}
 
@@ -127,6 +129,8 @@ def main() -> None:
   flags.DEFINE_integer("steps", 1500, "Training steps.")
   flags.DEFINE_integer("batch_size", 128, "Captions per step.")
   flags.DEFINE_integer("seed", 0, "Seed.")
+  flags.DEFINE_string("protocol", "full", "Evaluation protocol: full, coco1k, first1k or "
+                      "<folds>x<images>, as the evaluation stage's eval.protocol.")
   flags.mark_flags_as_required(["data_dir"])
   f = flags.FLAGS
 
@@ -134,7 +138,8 @@ def main() -> None:
     from imagebert_jax.evaluate import format_metrics
     out = train_and_score(f.data_dir, train_split=f.train_split, eval_split=f.eval_split,
                           max_text_len=f.max_text_len, max_regions=f.max_regions,
-                          steps=f.steps, batch_size=f.batch_size, seed=f.seed)
+                          steps=f.steps, batch_size=f.batch_size, seed=f.seed,
+                          protocol=f.protocol)
     print(format_metrics({"dual encoder": out["metrics"]}))
     print(json.dumps({k: v for k, v in out.items() if k != "metrics"}))
 

@@ -13,14 +13,16 @@ both ways and RSUM for the chosen protocol, and the number of scores that were n
   image->text: an image's rank is the best rank among its captions;
   text->image: a caption's rank is the rank of its image.
 Protocols: 'full' (the whole split), 'coco1k' (the mean over five folds of 1000 images in the
-order of the caption source, each with its captions; COCO 1K), and 'first1k' (the first 1000
-images: the Flickr30k 1K test is its whole test split, so 'full' is that protocol too).
+order of the caption source, each with its captions; COCO 1K), 'first1k' (the first 1000
+images: the Flickr30k 1K test is its whole test split, so 'full' is that protocol too), and
+'<N>x<M>' (the mean over N folds of M images in that order, as COCO 1K is 5x1000).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from typing import Any, Callable
 
@@ -94,10 +96,8 @@ def score_spread(scores: np.ndarray) -> dict:
   return {"score_std": std, "scores_near_constant": bool(std < NEAR_CONSTANT_STD)}
 
 
-PROTOCOLS = ("full", "coco1k", "first1k")
-FOLD_IMAGES = 1000                            # images per fold of the 1K protocols
-PROTOCOL_FOLDS = {"coco1k": 5, "first1k": 1}
-PROTOCOL_IMAGES = {p: n * FOLD_IMAGES for p, n in PROTOCOL_FOLDS.items()}  # images they need
+NAMED_PROTOCOLS = {"coco1k": (5, 1000), "first1k": (1, 1000)}  # name: (folds, images per fold)
+PROTOCOL_HELP = "want full, coco1k, first1k or <folds>x<images> (e.g. 5x100)"
 
 
 def protocol_names(spec: str) -> list[str]:
@@ -106,25 +106,60 @@ def protocol_names(spec: str) -> list[str]:
   return [p.strip() for p in str(spec).split(",") if p.strip()]
 
 
+def protocol_folds(protocol: str) -> tuple[int, int] | None:
+  """(folds, images per fold) of a protocol; None for 'full'. 'NxM' is N folds of M images."""
+  if protocol == "full":
+    return None
+  if protocol in NAMED_PROTOCOLS:
+    return NAMED_PROTOCOLS[protocol]
+  m = re.fullmatch(r"([1-9][0-9]*)x([1-9][0-9]*)", protocol)
+  if not m:
+    raise ValueError(f"unknown protocol {protocol!r}: {PROTOCOL_HELP}")
+  return int(m[1]), int(m[2])
+
+
+def protocol_images(protocol: str) -> int:
+  """Images a protocol needs (0: any number)."""
+  folds = protocol_folds(protocol)
+  return folds[0] * folds[1] if folds else 0
+
+
+def fold_sets(num_images: int, caption_image: np.ndarray, order: np.ndarray,
+              protocol: str) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(images, captions) index sets that a protocol averages over: fold f holds the images
+  order[f * size:(f + 1) * size] (`order` sorts the images as the caption source lists them),
+  each with all its captions."""
+  folds = protocol_folds(protocol)
+  if folds is None:
+    return [(np.arange(num_images), np.arange(len(caption_image)))]
+  count, size = folds
+  if len(order) < count * size:
+    raise ValueError(f"protocol {protocol} needs {count * size} images, the split has "
+                     f"{len(order)}")
+  out = []
+  for f in range(count):
+    images = order[size * f:size * (f + 1)]
+    keep = np.zeros(num_images, bool)
+    keep[images] = True
+    out.append((images, np.nonzero(keep[caption_image])[0]))
+  return out
+
+
+def fold_caption_image(images: np.ndarray, captions: np.ndarray, caption_image: np.ndarray,
+                       num_images: int) -> np.ndarray:
+  """Each of a fold's captions' image, as an index into the fold's images."""
+  remap = -np.ones(num_images, np.int64)
+  remap[images] = np.arange(len(images))
+  return remap[caption_image[captions]]
+
+
 def protocol_metrics(scores: np.ndarray, caption_image: np.ndarray, order: np.ndarray,
                      protocol: str) -> dict[str, float]:
-  """Metrics by protocol; `order` sorts the images as the caption source lists them."""
-  if protocol == "full":
-    return recall(scores, caption_image)
-  if protocol in PROTOCOL_FOLDS:
-    folds, size = PROTOCOL_FOLDS[protocol], FOLD_IMAGES
-    if len(order) < size * folds:
-      raise ValueError(f"protocol {protocol} needs {size * folds} images, the split has "
-                       f"{len(order)}")
-    results = []
-    for f in range(folds):
-      images = order[size * f:size * (f + 1)]
-      remap = -np.ones(len(order), np.int64)
-      remap[images] = np.arange(len(images))
-      caps = np.nonzero(remap[caption_image] >= 0)[0]
-      results.append(recall(scores[np.ix_(images, caps)], remap[caption_image[caps]]))
-    return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
-  raise ValueError(f"unknown protocol {protocol!r}: want full, coco1k or first1k")
+  """Metrics by protocol, the mean over its folds."""
+  results = [recall(scores[np.ix_(images, caps)],
+                    fold_caption_image(images, caps, caption_image, scores.shape[0]))
+             for images, caps in fold_sets(scores.shape[0], caption_image, order, protocol)]
+  return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
 
 
 # ------------------------------------------------------------------------------------------------

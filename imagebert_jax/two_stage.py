@@ -95,26 +95,6 @@ def two_stage_ranks(first: np.ndarray, second: np.ndarray, i2t_top: np.ndarray,
   return i2t, t2i
 
 
-def folds(num_images: int, caption_image: np.ndarray, order: np.ndarray,
-          protocol: str) -> list[tuple[np.ndarray, np.ndarray]]:
-  """(images, captions) index sets a protocol averages over (see evaluate.protocol_metrics)."""
-  if protocol == "full":
-    return [(np.arange(num_images), np.arange(len(caption_image)))]
-  if protocol not in eval_lib.PROTOCOL_IMAGES:
-    raise ValueError(f"unknown protocol {protocol!r}: want full, coco1k or first1k")
-  count = eval_lib.PROTOCOL_IMAGES[protocol] // 1000
-  if len(order) < 1000 * count:
-    raise ValueError(f"protocol {protocol} needs {1000 * count} images, the split has "
-                     f"{len(order)}")
-  out = []
-  for f in range(count):
-    images = order[1000 * f:1000 * (f + 1)]
-    keep = np.zeros(num_images, bool)
-    keep[images] = True
-    out.append((images, np.nonzero(keep[caption_image])[0]))
-  return out
-
-
 @dataclasses.dataclass
 class Plan:
   """The candidate sets of every fold of every protocol, and the pairs they need scored."""
@@ -131,7 +111,7 @@ def plan(first: np.ndarray, caption_image: np.ndarray, order: np.ndarray, spec: 
   by_protocol = {}
   for p in names:
     entries = []
-    for images, captions in folds(first.shape[0], caption_image, order, p):
+    for images, captions in eval_lib.fold_sets(first.shape[0], caption_image, order, p):
       i2t, t2i = top_k_masks(first[np.ix_(images, captions)], k)
       needed[np.ix_(images, captions)] |= i2t | t2i
       entries.append((images, captions, i2t, t2i))
@@ -146,11 +126,10 @@ def plan_metrics(pl: Plan, first: np.ndarray, second: np.ndarray,
   for p, entries in pl.folds.items():
     results = []
     for images, captions, i2t, t2i in entries:
-      remap = -np.ones(first.shape[0], np.int64)
-      remap[images] = np.arange(len(images))
       sub = np.ix_(images, captions)
-      results.append(recall_from_ranks(*two_stage_ranks(
-          first[sub], second[sub], i2t, t2i, remap[caption_image[captions]])))
+      owner = eval_lib.fold_caption_image(images, captions, caption_image, first.shape[0])
+      results.append(recall_from_ranks(*two_stage_ranks(first[sub], second[sub], i2t, t2i,
+                                                        owner)))
     by_protocol[p] = {key: float(np.mean([r[key] for r in results])) for key in results[0]}
   metrics = dict(by_protocol[pl.protocols[0]])
   for p in pl.protocols[1:]:

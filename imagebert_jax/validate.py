@@ -14,7 +14,7 @@ import jax
 import ml_collections
 
 from imagebert_jax import config_defaults, paths
-from imagebert_jax.evaluate import PROTOCOL_IMAGES, PROTOCOLS, protocol_names
+from imagebert_jax.evaluate import PROTOCOL_HELP, protocol_images, protocol_names
 from imagebert_jax.model.config import ModelConfig
 
 TOP_LEVEL = {"seed", "model", "text", "mesh", "stages", "run"}
@@ -130,8 +130,7 @@ def _validate_data(config, stage, where: str, kind: str, model: ModelConfig) -> 
     images = sum(info["splits"][n]["records"] for n in pipeline._split_names(split))
     if stage.eval.max_images:
       images = min(images, stage.eval.max_images)
-    need = max((PROTOCOL_IMAGES.get(p, 0) for p in protocol_names(stage.eval.protocol)),
-               default=0)
+    need = max((protocol_images(p) for p in protocol_names(stage.eval.protocol)), default=0)
     if images < need:
       raise ConfigError(f"{where}.eval.protocol={stage.eval.protocol!r} needs {need} images; "
                         f"{split!r} of {dirs[0]} gives {images}")
@@ -201,9 +200,14 @@ def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: 
   if kind == "evaluate":
     _unknown(stage.eval, reference.eval, f"{where}.eval")
     names = protocol_names(stage.eval.protocol)
-    if not names or any(p not in PROTOCOLS for p in names):
-      raise ConfigError(f"{where}.eval.protocol={stage.eval.protocol!r}: want full, coco1k or "
-                        "first1k, or several of them separated by commas")
+    try:
+      for p in names:
+        protocol_images(p)
+    except ValueError:
+      names = []
+    if not names:
+      raise ConfigError(f"{where}.eval.protocol={stage.eval.protocol!r}: {PROTOCOL_HELP}, or "
+                        "several of them separated by commas")
     for key in ("tile_images", "tile_captions", "chunk_images"):
       if stage.eval[key] < 1:
         raise ConfigError(f"{where}.eval.{key}={stage.eval[key]}: want a positive number")

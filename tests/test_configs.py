@@ -202,8 +202,8 @@ def test_every_shipped_config_passes_its_check_with_its_documented_command(
   from conftest import load_config
   from imagebert_jax import evaluate, validate
   # The stand-in test splits are small: protocols count folds of 2 images instead of 1,000.
-  monkeypatch.setattr(validate, "PROTOCOL_IMAGES",
-                      {p: 2 * n for p, n in evaluate.PROTOCOL_FOLDS.items()})
+  monkeypatch.setattr(validate, "protocol_images",
+                      lambda p: 2 * (evaluate.protocol_folds(p) or (0, 0))[0])
   variants = documented_overrides(name)
   if name in ("flickr30k_retrieval", "coco_retrieval", "imagebert_paper"):
     assert any(v for v in variants), f"configs/{name}.py documents no command with its paths"

@@ -82,6 +82,29 @@ def test_coco1k_is_the_mean_of_five_folds_in_source_order():
   assert both["coco1k/i2t_R@1"] > both["i2t_R@1"]  # 1K among fewer candidates: easier
 
 
+def test_folds_protocol_is_the_mean_over_folds_of_the_given_size_in_source_order():
+  rng = np.random.default_rng(11)
+  n = 70  # 3 folds of 20 use the first 60 images in source order; the last 10 are left out
+  owner = np.repeat(np.arange(n), 3)
+  s = rng.normal(size=(n, 3 * n)).astype(np.float32)
+  s[owner, np.arange(3 * n)] += 1.5
+  order = rng.permutation(n)
+  got = evaluate.protocol_metrics(s, owner, order, "3x20")
+  folds = []
+  for f in range(3):
+    imgs = order[20 * f:20 * (f + 1)]
+    caps = np.concatenate([np.nonzero(owner == i)[0] for i in imgs])
+    folds.append(evaluate.recall(s[np.ix_(imgs, caps)], np.repeat(np.arange(20), 3)))
+  for k in got:
+    assert got[k] == pytest.approx(np.mean([f[k] for f in folds]))
+  assert evaluate.protocol_folds("coco1k") == (5, 1000) and evaluate.protocol_images("3x20") == 60
+  with pytest.raises(ValueError, match="needs 80 images"):
+    evaluate.protocol_metrics(s, owner, order, "4x20")
+  for bad in ("0x20", "3x", "x20", "3x20x2", "coco2k"):
+    with pytest.raises(ValueError, match="unknown protocol"):
+      evaluate.protocol_folds(bad)
+
+
 def test_first1k_is_the_first_thousand_images_in_source_order():
   rng = np.random.default_rng(6)
   n = 1200
@@ -99,7 +122,7 @@ def test_first1k_is_the_first_thousand_images_in_source_order():
     evaluate.protocol_metrics(s[:999], owner[:1998], order[order < 999], "first1k")
 
 
-def test_fold_order_and_caption_count_come_from_the_built_dataset(tmp_path, monkeypatch):
+def test_fold_order_and_caption_count_come_from_the_built_dataset(tmp_path):
   """A Karpathy file whose order differs from the region file's: the dataset built from them and
   loaded for evaluation puts the 1K folds in the caption file's order; images with more than
   five captions keep their first five (captions_per_image=5)."""
@@ -141,10 +164,9 @@ def test_fold_order_and_caption_count_come_from_the_built_dataset(tmp_path, monk
       want = tok.encode(sentence)
       np.testing.assert_array_equal(row[:len(want)], want)
   assert evaluate.load_split(str(tmp_path / "data"), "test", **kw).num_captions == 52
-  # Folds of two images: COCO 1K's five folds are the caption file's images 0-1, 2-3, ...
-  monkeypatch.setattr(evaluate, "FOLD_IMAGES", 2)
+  # Five folds of two images (COCO 1K's layout, smaller): the caption file's images 0-1, 2-3, ...
   scores = rng.normal(size=(n, split.num_captions))
-  got = evaluate.protocol_metrics(scores, split.caption_image, split.source_order, "coco1k")
+  got = evaluate.protocol_metrics(scores, split.caption_image, split.source_order, "5x2")
   folds = []
   for f in range(5):
     imgs = [split.image_ids.index(im) for im in json_order[2 * f:2 * f + 2]]

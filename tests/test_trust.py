@@ -401,8 +401,11 @@ def _errors():
   c = base(); c.stages.zero_shot.eval.protocol = "coco2k"  # noqa: E702
   cases.append((c, r"config.stages.zero_shot.eval.protocol='coco2k'"))
   c = base(); c.stages.zero_shot.eval.protocol = "full,coco2k"  # noqa: E702
-  cases.append((c, r"config.stages.zero_shot.eval.protocol='full,coco2k': want full, coco1k or "
-                   r"first1k, or several of them separated by commas"))
+  cases.append((c, r"config.stages.zero_shot.eval.protocol='full,coco2k': want full, coco1k, "
+                   r"first1k or <folds>x<images> \(e.g. 5x100\), or several of them separated "
+                   r"by commas"))
+  c = base(); c.stages.zero_shot.eval.protocol = "0x100"  # noqa: E702
+  cases.append((c, r"config.stages.zero_shot.eval.protocol='0x100': want full"))
   c = base(); c.stages.finetune.init.from_stage = ""  # noqa: E702
   cases.append((c, r"config.stages.finetune.init: no starting weights; init.checkpoint, "
                    r"init.from_stage and init.bert are all empty. Set init.from_scratch=True"))
