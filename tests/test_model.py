@@ -111,10 +111,12 @@ def test_encode_matches_numpy_reference(pack, region_input_norm, part_norms):
   np.testing.assert_allclose(np.asarray(model.itm_logit(text_h))[0], itm, atol=1e-5)
 
 
-def test_contrastive_embeddings_match_numpy_reference():
-  """Text alone and [CLS] [SEP] + regions alone through the encoder, [CLS] projected, unit norm."""
+@pytest.mark.parametrize("pool", ["cls", "cls+max"])
+def test_contrastive_embeddings_match_numpy_reference(pool):
+  """Text alone and [CLS] [SEP] + regions alone through the encoder, [CLS] projected, unit norm;
+  with 'cls+max' the image's adds the per-dimension maximum of its projected region states."""
   cfg = TINY.__class__(**{**TINY.__dict__, "region_input_norm": "standardise",
-                          "region_part_norms": True})
+                          "region_part_norms": True, "itc_image_pool": pool})
   model = _with_random_statistics(ImageBert(cfg, rngs=nnx.Rngs(3)), np.random.default_rng(1))
   batch = random_batch(np.random.default_rng(4), 4)
   p = _params(model)
@@ -133,6 +135,10 @@ def test_contrastive_embeddings_match_numpy_reference():
   for b in range(4):
     for got, ref, head in ((t, text_ref, "itc_text"), (i, image_ref, "itc_image")):
       v = ref[b][0][0] @ p[head]["kernel"] + p[head]["bias"]
+      if head == "itc_image" and pool == "cls+max":
+        regions = ref[b][1]  # this image's regions only: padding never wins the maximum
+        assert len(regions) == batch["num_regions"][b] >= 1
+        v = v + (regions @ p[head]["kernel"] + p[head]["bias"]).max(0)
       np.testing.assert_allclose(np.asarray(got[b]), v / np.linalg.norm(v), atol=2e-5)
 
 

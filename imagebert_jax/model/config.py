@@ -47,6 +47,11 @@ class ModelConfig:
   # The image-text contrastive head: [CLS] of the encoder run on one modality, projected to this
   # many dimensions and normalised (two-stage retrieval; an optional training objective).
   itc_dim: int = 256
+  # The image's contrastive embedding: 'cls' ([CLS] projected) or 'cls+max' ([CLS] projected plus
+  # the maximum over the regions of each projected region state, per dimension: the few salient
+  # regions among many cluttered ones speak through the maximum, where attention starts as a
+  # mean). The same projection either way: checkpoints load under both.
+  itc_image_pool: str = "cls"
   # Retrieval ranks candidates by the cross-encoder's matching logit plus this weight times the
   # contrastive logit (the learned scale times the embeddings' cosine) wherever both are
   # computed: 0 ranks by the matching logit alone (the paper); 1 adds the two logits (BLIP's
@@ -107,6 +112,8 @@ class ModelConfig:
     if not self.retrieval_itc_weight >= 0.0:
       raise ValueError(f"config.model.retrieval_itc_weight={self.retrieval_itc_weight}: want a "
                        "weight >= 0")
+    if self.itc_image_pool not in ("cls", "cls+max"):
+      raise ValueError(f"config.model.itc_image_pool={self.itc_image_pool!r}: want cls or cls+max")
     if self.itc_dim < 1:
       raise ValueError(f"config.model.itc_dim={self.itc_dim}: want a positive size")
     if self.remat not in ("none", "full", "dots"):

@@ -207,12 +207,18 @@ class ImageBert(nnx.Module):
   def image_embedding(self, region_feat: jax.Array, region_loc: jax.Array,
                       region_mask: jax.Array, cls_sep: tuple[int, int], *,
                       dropout_key: jax.Array | None = None) -> jax.Array:
-    """The encoder over `[CLS] [SEP]` and the regions; [CLS] projected and L2-normalised."""
+    """The encoder over `[CLS] [SEP]` and the regions; [CLS] projected (with `itc_image_pool`
+    'cls+max', plus the per-dimension maximum of the projected region states) and
+    L2-normalised: [B, itc_dim], f32."""
     b = region_feat.shape[0]
     text_ids = jnp.broadcast_to(jnp.asarray(cls_sep, jnp.int32), (b, 2))
-    text_h, _ = self.encode(text_ids, jnp.ones((b, 2), bool), region_feat, region_loc,
-                            region_mask, dropout_key=dropout_key)
-    return _normalise(self.itc_image(text_h[:, 0]))
+    text_h, region_h = self.encode(text_ids, jnp.ones((b, 2), bool), region_feat, region_loc,
+                                   region_mask, dropout_key=dropout_key)
+    e = self.itc_image(text_h[:, 0])
+    if self.cfg.itc_image_pool == "cls+max":
+      projected = jnp.where(region_mask[..., None], self.itc_image(region_h), -jnp.inf)
+      e = e + jnp.where(region_mask.any(1)[:, None], jnp.max(projected, axis=1), 0.0)
+    return _normalise(e)
 
   def itc_scale(self) -> jax.Array:
     """The contrastive logit scale, at most 100 (as CLIP clamps it)."""
