@@ -1,6 +1,7 @@
 """Test set-up: 8 simulated CPU devices (set before JAX starts), float32, no network, and one
 JAX compilation cache for the session (the tests and the processes they start compile the same
-small models again and again; a cached executable is the one the compiler would have produced).
+small models again and again; a cached executable is the one the compiler would have produced),
+shared by pytest-xdist's workers, which inherit it from the process that starts them.
 
 JAX runs on the CPU unless JAX_PLATFORMS is set already: on a GPU machine, JAX_PLATFORMS=cuda
 runs the tests marked `gpu` there (benchmarks/gpu_session.sh does so). Those are skipped when
@@ -13,8 +14,9 @@ import shutil
 import sys
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
 if "JAX_PLATFORMS" not in os.environ:
   os.environ["JAX_PLATFORMS"] = "cpu"
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
