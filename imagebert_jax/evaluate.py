@@ -156,6 +156,8 @@ def fold_caption_image(images: np.ndarray, captions: np.ndarray, caption_image: 
 def protocol_metrics(scores: np.ndarray, caption_image: np.ndarray, order: np.ndarray,
                      protocol: str) -> dict[str, float]:
   """Metrics by protocol, the mean over its folds."""
+  if protocol_folds(protocol) is None:
+    return recall(scores, caption_image)  # the whole matrix, not a copy of it
   results = [recall(scores[np.ix_(images, caps)],
                     fold_caption_image(images, caps, caption_image, scores.shape[0]))
              for images, caps in fold_sets(scores.shape[0], caption_image, order, protocol)]
