@@ -54,6 +54,17 @@ def test_ranks_match_sorting_on_random_scores():
     np.testing.assert_array_equal(got, want)
 
 
+def folds_by_hand(s, owner, order, *, count, size, per_image):
+  """Recall@K of each fold, built by hand: fold f holds images order[f * size:(f + 1) * size]
+  and their captions, each caption's image renumbered by its place in the fold."""
+  folds = []
+  for f in range(count):
+    imgs = order[size * f:size * (f + 1)]
+    caps = np.concatenate([np.nonzero(owner == i)[0] for i in imgs])
+    folds.append(evaluate.recall(s[np.ix_(imgs, caps)], np.repeat(np.arange(size), per_image)))
+  return folds
+
+
 def test_coco1k_is_the_mean_of_five_folds_in_source_order():
   rng = np.random.default_rng(1)
   n = 5000
@@ -62,12 +73,7 @@ def test_coco1k_is_the_mean_of_five_folds_in_source_order():
   s[owner, np.arange(2 * n)] += 3.0  # make it easy enough that recalls are not all tiny
   order = rng.permutation(n)
   got = evaluate.protocol_metrics(s, owner, order, "coco1k")
-  folds = []
-  for f in range(5):
-    imgs = order[1000 * f:1000 * (f + 1)]
-    caps = np.concatenate([np.nonzero(owner == i)[0] for i in imgs])
-    sub_owner = np.repeat(np.arange(1000), 2)
-    folds.append(evaluate.recall(s[np.ix_(imgs, caps)], sub_owner))
+  folds = folds_by_hand(s, owner, order, count=5, size=1000, per_image=2)
   for k in got:
     assert got[k] == pytest.approx(np.mean([f[k] for f in folds]))
   with pytest.raises(ValueError, match="needs 5000 images"):
@@ -90,11 +96,7 @@ def test_folds_protocol_is_the_mean_over_folds_of_the_given_size_in_source_order
   s[owner, np.arange(3 * n)] += 1.5
   order = rng.permutation(n)
   got = evaluate.protocol_metrics(s, owner, order, "3x20")
-  folds = []
-  for f in range(3):
-    imgs = order[20 * f:20 * (f + 1)]
-    caps = np.concatenate([np.nonzero(owner == i)[0] for i in imgs])
-    folds.append(evaluate.recall(s[np.ix_(imgs, caps)], np.repeat(np.arange(20), 3)))
+  folds = folds_by_hand(s, owner, order, count=3, size=20, per_image=3)
   for k in got:
     assert got[k] == pytest.approx(np.mean([f[k] for f in folds]))
   assert evaluate.protocol_folds("coco1k") == (5, 1000) and evaluate.protocol_images("3x20") == 60
