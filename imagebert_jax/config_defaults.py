@@ -52,7 +52,7 @@ def model_base() -> ConfigDict:
       attention_dropout_rate=0.1, layer_norm_eps=1e-12, initializer_range=0.02,
       dtype="bfloat16", param_dtype="float32", attention_impl="auto", remat="none",
       region_input_norm="none", region_part_norms=False, itc_dim=256,
-      retrieval_itc_weight=0.0))
+      itc_image_pool="cls", itm_pool="cls", separate_layers=0, retrieval_itc_weight=0.0))
 
 
 def mesh_default() -> ConfigDict:
@@ -63,8 +63,9 @@ def objective_default() -> ConfigDict:
   """The paper's masking rates and equal loss weights."""
   return ConfigDict(dict(
       mlm_rate=0.15, mlm_mask_prob=0.8, mlm_random_prob=0.1, region_rate=0.15,
-      region_zero_prob=0.9, itm_neg_prob=0.5, moc_loss="ce", mlm_weight=1.0, moc_weight=1.0,
-      mrfr_weight=1.0, itm_weight=1.0, itc_weight=0.0))
+      region_zero_prob=0.9, itm_neg_prob=0.5, itm_negatives="random", itm_random_share=0.0,
+      itm_inputs="masked", mlm_visual_share=0.0, itm_foil_share=0.0, moc_loss="ce",
+      mlm_weight=1.0, moc_weight=1.0, mrfr_weight=1.0, itm_weight=1.0, itc_weight=0.0))
 
 
 def optim_default(learning_rate: float = 1e-4) -> ConfigDict:
@@ -94,11 +95,12 @@ def data_default(directory: str = "", train_split: str = "train",
   return ConfigDict(dict(
       dir=directory, train_split=train_split, eval_split=eval_split, shuffle_buffer=1000,
       pair_shuffle_buffer=256, threadpool_size=0, ram_budget_gb=0.0, prefetch=2,
-      # Generated data (train.prepare_data): kind 'scenes' (realistic: splits train, val, test)
-      # or 'toy' (splits train_split and eval_split).
+      # Generated data (train.prepare_data): kind 'scenes' (realistic: splits train, val, test,
+      # and with web_images a web set of other images with alt-text captions, split 'web', which
+      # a stage with web=True reads) or 'toy' (splits train_split and eval_split).
       synthetic=ConfigDict(dict(enabled=False, kind="toy", train_images=0, val_images=0,
-                                eval_images=0, feature_dim=0, min_regions=10, max_regions=16,
-                                captions_per_image=5))))
+                                eval_images=0, web_images=0, web=False, feature_dim=0,
+                                min_regions=10, max_regions=16, captions_per_image=5))))
 
 
 def init_default(*, from_stage: str = "", checkpoint: str = "") -> ConfigDict:
@@ -131,7 +133,7 @@ def retrieval_objective_default() -> ConfigDict:
   """The paper's three fine-tuning losses, combined, with online hard negatives."""
   return ConfigDict(dict(bce_weight=1.0, softmax_weight=1.0, triplet_weight=1.0, margin=0.2,
                          num_candidates=16, num_hard=3, itc_weight=0.0, hard_from_step=0,
-                         mine_with="cross_encoder"))
+                         mine_with="cross_encoder", foil_share=0.0))
 
 
 def finetune_stage(data: ConfigDict, *, from_stage: str = "", checkpoint: str = "",
@@ -164,9 +166,11 @@ def evaluate_stage(data: ConfigDict, *, from_stage: str = "", checkpoint: str = 
       kind="evaluate", data=data,
       # captions_per_image: each image's first captions in the caption file's order (the
       # Karpathy protocol's five); 0 keeps all.
+      # binding_file: tests of captions against foils of the same words (imagebert_jax.binding);
+      # 'auto': the dataset's binding_<eval_split>.jsonl when it has one; '' none.
       eval=ConfigDict(dict(protocol=protocol, tile_images=8, tile_captions=128,
                            chunk_images=64, max_images=0, captions_per_image=5, progress=True,
-                           rerank_k=0)),
+                           rerank_k=0, binding_file="auto")),
       init=init_default(from_stage=from_stage, checkpoint=checkpoint)))
 
 

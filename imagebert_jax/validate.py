@@ -40,7 +40,8 @@ def _objective_fields(kind: str) -> set[str]:
   from imagebert_jax.objectives.pretraining import PretrainObjective
   from imagebert_jax.objectives.retrieval import RetrievalObjective
   cls = PretrainObjective if kind == "pretrain" else RetrievalObjective
-  ids = {"pad_id", "cls_id", "sep_id", "mask_id", "random_token_range", "vocab_size"}
+  ids = {"pad_id", "cls_id", "sep_id", "mask_id", "random_token_range", "vocab_size",
+         "visual_token_ids", "object_token_ids", "attribute_token_ids"}  # from the data
   return {f.name for f in dataclasses.fields(cls)} - ids
 
 
@@ -214,6 +215,10 @@ def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: 
     if stage.eval.captions_per_image < 0:
       raise ConfigError(f"{where}.eval.captions_per_image={stage.eval.captions_per_image}: want "
                         "0 (all) or more")
+    binding = stage.eval.get("binding_file", "auto")
+    if binding not in ("auto", "") and not paths.isfile(binding):
+      raise ConfigError(f"{where}.eval.binding_file={binding!r}: no such file ('auto' takes the "
+                        "dataset's binding_<split>.jsonl when it has one, '' none)")
     if stage.eval.get("rerank_k", 0) < 0:
       raise ConfigError(f"{where}.eval.rerank_k={stage.eval.rerank_k}: want 0 (the cross-encoder "
                         "on every pair) or a positive number of candidates per query")
@@ -259,15 +264,23 @@ def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: 
   if syn.enabled and syn.kind not in ("scenes", "toy"):
     raise ConfigError(f"{where}.data.synthetic.kind={syn.kind!r}: want 'scenes' or 'toy'")
   if syn.enabled and syn.kind == "scenes":
-    generated = {"train": syn.train_images, "val": syn.val_images, "test": syn.eval_images}
+    if syn.web:
+      if not syn.web_images:
+        raise ConfigError(f"{where}.data.synthetic.web=True: the generated web set has no images "
+                          "(synthetic.web_images=0)")
+      generated, what = {"web": syn.web_images}, "the web set has one split, 'web'"
+    else:
+      generated = {"train": syn.train_images, "val": syn.val_images, "test": syn.eval_images}
+      what = ("they have train, val and test, from synthetic.train_images, val_images and "
+              "eval_images")
     for split in (stage.data.train_split, stage.data.eval_split):
       if split and not generated.get(split):
-        raise ConfigError(f"{where}.data: the generated scenes have no {split!r} split (they "
-                          "have train, val and test, from synthetic.train_images, val_images "
-                          "and eval_images)")
+        raise ConfigError(f"{where}.data: the generated scenes have no {split!r} split ({what})")
+  elif syn.enabled and syn.web:
+    raise ConfigError(f"{where}.data.synthetic.web=True: only the 'scenes' kind has a web set")
   if not syn.enabled:
     _validate_data(config, stage, where, kind, model)
-  elif not stage.data.eval_split:
+  elif not stage.data.eval_split and not (syn.kind == "scenes" and syn.web):
     raise ConfigError(f"{where}.data.eval_split is empty: the synthetic data needs a name for its "
                       "evaluation split")
 

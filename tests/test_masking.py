@@ -111,3 +111,73 @@ def test_itm_pairs_labels_and_shares():
   assert abs(negs / total - 0.5) < 0.03
   assert abs(swapped_text / max(negs, 1) - 0.5) < 0.05
   assert swapped_image > 0
+
+
+def test_hard_negatives_are_drawn_by_the_softmax_of_the_similarities():
+  """Each image's negative caption and each caption's negative image are drawn with the softmax
+  of the contrastive logits over the other images' entries: frequencies over many draws against
+  the NumPy probabilities of a fixed matrix; a pair's own image is never drawn."""
+  logits = np.array([[4.0, 1.0, 0.0, 2.0, -1.0],
+                     [0.5, 3.0, 2.5, 0.0, 0.0],
+                     [1.0, 2.0, 3.0, 0.0, 1.5],
+                     [2.0, 0.0, -1.0, 1.0, 0.5],
+                     [0.0, 1.0, 0.5, 3.0, 0.0]], np.float32)  # [caption, image]
+  keys = np.array([10, 11, 12, 13, 10], np.int32)  # captions 0 and 4 show the same image
+
+  def softmax_others(row_logits, row_key, other_keys):
+    w = np.where(other_keys != row_key, np.exp(row_logits - row_logits.max()), 0.0)
+    return w / w.sum()
+
+  want_caption = np.stack([softmax_others(logits[:, i], keys[i], keys) for i in range(5)])
+  want_image = np.stack([softmax_others(logits[j, :], keys[j], keys) for j in range(5)])
+  draws = 4000
+  sample = jax.jit(jax.vmap(lambda k: masking.sample_negatives(k, jnp.asarray(logits),
+                                                               jnp.asarray(keys))))
+  caption_for_image, image_for_caption = jax.device_get(
+      sample(jax.random.split(jax.random.key(0), draws)))
+  for got, want in ((caption_for_image, want_caption), (image_for_caption, want_image)):
+    freq = np.stack([np.bincount(got[:, i], minlength=5) / draws for i in range(5)])
+    assert np.all(freq[want == 0] == 0)  # never the same image
+    np.testing.assert_allclose(freq, want, atol=0.03)
+
+
+def test_hard_itm_pairs_rows_and_labels():
+  rng = np.random.default_rng(3)
+  b = 64
+  keys = np.arange(b, dtype=np.int32)
+  logits = rng.normal(size=(b, b)).astype(np.float32)
+  out = jax.device_get(masking.hard_itm_pairs(jax.random.key(1), jnp.asarray(logits),
+                                              jnp.asarray(keys)))
+  idx = np.arange(b)
+  # The batch's own pairs first, all matched; then one negative per pair, one side replaced.
+  np.testing.assert_array_equal(out.text_src[:b], idx)
+  np.testing.assert_array_equal(out.region_src[:b], idx)
+  np.testing.assert_array_equal(out.labels, np.r_[np.ones(b), np.zeros(b)])
+  t, r = out.text_src[b:], out.region_src[b:]
+  assert np.all((t == idx) ^ (r == idx))
+  assert 0.3 < np.mean(t != idx) < 0.7
+  # A batch of one image: nothing to draw, every row is that image's own pair (label 1).
+  same = jax.device_get(masking.hard_itm_pairs(jax.random.key(1), jnp.asarray(logits[:4, :4]),
+                                               jnp.zeros(4, jnp.int32)))
+  np.testing.assert_array_equal(same.labels, np.ones(8))
+
+
+def test_swap_foils_hand_worked():
+  # Tokens: 5 'a', 6 'red', 7 'car', 8 'next', 9 'white', 10 'bus', 11 'blue'. Kinds: objects 1
+  # (car, bus), attributes 2 (red, white, blue).
+  kinds = np.zeros(128, np.int32)  # a kind for every token id (CLS is 101)
+  kinds[[7, 10]] = 1
+  kinds[[6, 9, 11]] = 2
+  caption = [CLS, 5, 6, 7, 8, 5, 9, 10, SEP, PAD]   # a red car next a white bus
+  one_pair = [CLS, 5, 7, 8, 5, 10, SEP, PAD, PAD, PAD]  # a car next a bus: only the objects
+  nothing = [CLS, 5, 6, 7, 8, 5, 6, 7, SEP, PAD]    # a red car next a red car: nothing differs
+  ids = jnp.asarray([caption, one_pair, nothing], jnp.int32)
+  seen = set()
+  for draw in range(40):
+    foils, has = jax.device_get(masking.swap_foils(jax.random.key(draw), ids, jnp.asarray(kinds)))
+    np.testing.assert_array_equal(has, [True, True, False])
+    seen.add(tuple(foils[0]))
+    np.testing.assert_array_equal(foils[1], [CLS, 5, 10, 8, 5, 7, SEP, PAD, PAD, PAD])
+    np.testing.assert_array_equal(foils[2], nothing)
+  # The two swaps of the first caption, each drawn: objects, or attributes.
+  assert seen == {(CLS, 5, 6, 10, 8, 5, 9, 7, SEP, PAD), (CLS, 5, 9, 7, 8, 5, 6, 10, SEP, PAD)}

@@ -213,8 +213,14 @@ class TableModel:
   def __init__(self, table):
     self.table = jnp.asarray(table)
 
-  def __call__(self, text_ids, text_mask, feat, loc, region_mask, dropout_key=None):
-    return self.table[text_ids[:, 1], feat[:, 0, 0].astype(jnp.int32)]
+  def project_regions(self, feat, loc):  # an image's "embedding" is its id, carried along
+    return feat
+
+  def encode(self, text_ids, text_mask, feat, loc, region_mask, dropout_key=None, regions=None):
+    return text_ids, (feat if regions is None else regions)
+
+  def itm_logit(self, text_h, region_h, region_mask, text_mask=None):
+    return self.table[text_h[:, 1], region_h[:, 0, 0].astype(jnp.int32)]
 
 
 def test_mining_trains_on_the_hardest_candidates():

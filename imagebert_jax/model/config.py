@@ -33,6 +33,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   # 'auto' (cuDNN fused attention on GPU where it applies, XLA elsewhere), 'xla' or 'cudnn'.
   attention_impl: str = "auto"
+  # The first `separate_layers` layers run on each modality alone (text over text, regions over
+  # regions), the others over the joint sequence; 0, the paper's single stream: every layer
+  # attends across. The same weights either way (a checkpoint loads under any value).
+  separate_layers: int = 0
   # Recompute activations in the backward pass: 'none', 'full' (each layer) or 'dots'
   # (keep matrix-product outputs, recompute the element-wise work).
   remat: str = "none"
@@ -52,6 +56,14 @@ class ModelConfig:
   # regions among many cluttered ones speak through the maximum, where attention starts as a
   # mean). The same projection either way: checkpoints load under both.
   itc_image_pool: str = "cls"
+  # The matching logit (`ImageBert.itm_logit`; no new parameters in any): 'cls' (the head on
+  # the pooler over [CLS], BERT's); 'cls+max' (the pooler's maximum over the region states added
+  # to [CLS]'s before the tanh, as itc_image_pool); 'cls*max' (the two tanh'd and multiplied);
+  # 'itc' (the [CLS] logit plus the contrastive scale times the cosine of the joint pass's [CLS]
+  # and region maximum through the contrastive heads); 'align' (the [CLS] logit plus the
+  # contrastive scale times how well each word of the joint pass finds a region:
+  # `word_region_alignment`). The README's design notes have what each measured.
+  itm_pool: str = "cls"
   # Retrieval ranks candidates by the cross-encoder's matching logit plus this weight times the
   # contrastive logit (the learned scale times the embeddings' cosine) wherever both are
   # computed: 0 ranks by the matching logit alone (the paper); 1 adds the two logits (BLIP's
@@ -114,8 +126,14 @@ class ModelConfig:
                        "weight >= 0")
     if self.itc_image_pool not in ("cls", "cls+max"):
       raise ValueError(f"config.model.itc_image_pool={self.itc_image_pool!r}: want cls or cls+max")
+    if self.itm_pool not in ("cls", "cls+max", "cls*max", "itc", "align"):
+      raise ValueError(f"config.model.itm_pool={self.itm_pool!r}: want cls, cls+max, cls*max, "
+                       "itc or align")
     if self.itc_dim < 1:
       raise ValueError(f"config.model.itc_dim={self.itc_dim}: want a positive size")
+    if not 0 <= self.separate_layers < self.num_layers:
+      raise ValueError(f"config.model.separate_layers={self.separate_layers}: want 0 to "
+                       f"num_layers - 1 ({self.num_layers - 1}): the last layers attend across")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"config.model.remat={self.remat!r}: want none, full or dots")
     for key in ("dropout_rate", "attention_dropout_rate"):

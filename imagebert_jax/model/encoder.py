@@ -93,14 +93,15 @@ class Encoder(nnx.Module):
     self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
 
   def __call__(self, x: jax.Array, mask: jax.Array | None, kv_lengths: jax.Array | None,
-               impl: str, keys: KeySplitter) -> jax.Array:
+               impl: str, keys: KeySplitter, start: int = 0, stop: int | None = None) -> jax.Array:
+    """Layers start..stop-1 (all by default) over x [B, L, H]."""
     apply = _layer_apply
     if self.cfg.remat == "full":
       apply = nnx.remat(_layer_apply, static_argnums=(4,))
     elif self.cfg.remat == "dots":
       apply = nnx.remat(_layer_apply, static_argnums=(4,),
                         policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    for layer in self.layers:
+    for layer in list(self.layers)[start:stop]:
       x = apply(layer, x, mask, kv_lengths, impl, (keys(), keys(), keys()))
     return x
 

@@ -133,8 +133,10 @@ class ImageBert(nnx.Module):
          + self.segment(jnp.asarray(TEXT_SEGMENT))[None, None])
     return dropout(self.text_norm(x), cfg.dropout_rate, dropout_key)
 
-  def embed_regions(self, region_feat: jax.Array, region_loc: jax.Array,
-                    dropout_key: jax.Array | None) -> jax.Array:
+  def project_regions(self, region_feat: jax.Array, region_loc: jax.Array) -> jax.Array:
+    """The regions' input embeddings before dropout [B, R, H]: a function of the image alone, so
+    a batch's images are projected once for every pair and pass they take part in (`encode`'s
+    `regions`)."""
     cfg = self.cfg
     if cfg.region_input_norm == "standardise":
       mean = jax.lax.stop_gradient(self.region_feature_mean[...])
@@ -147,19 +149,21 @@ class ImageBert(nnx.Module):
       feat, loc = self.region_feature_norm(feat), self.region_location_norm(loc)
     x = (feat + loc + self.segment(jnp.asarray(REGION_SEGMENT))[None, None]
          + self.region_position[...].astype(cfg.compute_dtype)[None, None])
-    return dropout(self.region_norm(x), cfg.dropout_rate, dropout_key)
+    return self.region_norm(x)
 
-  def encode(self, text_ids: jax.Array, text_mask: jax.Array, region_feat: jax.Array,
-             region_loc: jax.Array, region_mask: jax.Array, *,
-             dropout_key: jax.Array | None = None,
-             pack: bool | None = None) -> tuple[jax.Array, jax.Array]:
+  def encode(self, text_ids: jax.Array, text_mask: jax.Array, region_feat: jax.Array | None,
+             region_loc: jax.Array | None, region_mask: jax.Array, *,
+             dropout_key: jax.Array | None = None, pack: bool | None = None,
+             regions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Runs the encoder. Returns (text hidden [B, T, H], region hidden [B, R, H]).
 
     text_ids [B, T] int; text_mask [B, T] bool (a valid prefix); region_feat [B, R, D];
-    region_loc [B, R, 5]; region_mask [B, R] bool (a valid prefix). Hidden states at padded
-    positions are unspecified. `dropout_key=None` evaluates deterministically. With `pack`
-    (always when cuDNN attention is used) padding is moved to the end of the sequence before the
-    encoder and back after it; the result is the same function.
+    region_loc [B, R, 5]; region_mask [B, R] bool (a valid prefix); or instead of the features
+    and locations, `regions` [B, R, H], their `project_regions` (the same function, computed
+    once per image). Hidden states at padded positions are unspecified. `dropout_key=None`
+    evaluates deterministically. With `pack` (always when cuDNN attention is used) padding is
+    moved to the end of the sequence before the encoder and back after it; the result is the
+    same function.
     """
     cfg = self.cfg
     impl = resolve_attention_impl(
@@ -167,22 +171,29 @@ class ImageBert(nnx.Module):
     pack = impl == "cudnn" if pack is None else (pack or impl == "cudnn")
     keys = KeySplitter(dropout_key)
     t = self.embed_text(text_ids, keys())
-    r = self.embed_regions(region_feat, region_loc, keys())
+    if regions is None:
+      regions = self.project_regions(region_feat, region_loc)
+    r = dropout(regions, cfg.dropout_rate, keys())
+    width_t, width_r = text_ids.shape[1], r.shape[1]
+    text_len = text_mask.sum(-1).astype(jnp.int32)
+    num_regions = region_mask.sum(-1).astype(jnp.int32)
+    first = cfg.separate_layers
+    if first:  # each modality alone through the first layers
+      t = self.encoder(t, text_mask, text_len, impl, keys, stop=first)
+      if width_r:
+        r = self.encoder(r, region_mask, num_regions, impl, keys, stop=first)
     x = parallel.constrain(jnp.concatenate([t, r], axis=1), ACT)
-    width_t, width_r = text_ids.shape[1], region_feat.shape[1]
     if pack:
-      text_len = text_mask.sum(-1).astype(jnp.int32)
-      num_regions = region_mask.sum(-1).astype(jnp.int32)
       pack_idx, region_at = pack_order(text_len, num_regions, width_t, width_r)
       x = jnp.take_along_axis(x, pack_idx[..., None], axis=1)
       kv_lengths = text_len + num_regions
       mask = jnp.arange(width_t + width_r)[None, :] < kv_lengths[:, None]
-      x = self.encoder(x, mask, kv_lengths, impl, keys)
+      x = self.encoder(x, mask, kv_lengths, impl, keys, start=first)
       text_h = x[:, :width_t]
       region_h = jnp.take_along_axis(x, region_at[..., None], axis=1)
     else:
       mask = jnp.concatenate([text_mask, region_mask], axis=1)
-      x = self.encoder(x, mask, None, impl, keys)
+      x = self.encoder(x, mask, None, impl, keys, start=first)
       text_h, region_h = x[:, :width_t], x[:, width_t:]
     return text_h, region_h
 
@@ -190,9 +201,40 @@ class ImageBert(nnx.Module):
     """tanh(Dense([CLS])), float32."""
     return jnp.tanh(self.pooler(text_h[:, 0]))
 
-  def itm_logit(self, text_h: jax.Array) -> jax.Array:
-    """The image-text matching score (a logit) from [CLS]: [B], float32."""
-    return self.itm(self.pooled(text_h))[..., 0]
+  def itm_logit(self, text_h: jax.Array, region_h: jax.Array | None = None,
+                region_mask: jax.Array | None = None,
+                text_mask: jax.Array | None = None) -> jax.Array:
+    """The image-text matching score (a logit): [B], float32. From [CLS] (tanh of the pooler);
+    with `itm_pool` 'cls+max', the pooler's [CLS] plus the per-dimension maximum of the pooler
+    over the region states (which have attended to the words) before the tanh."""
+    if self.cfg.itm_pool == "cls":
+      return self.itm(self.pooled(text_h))[..., 0]
+    pooled = self.pooler(text_h[:, 0])
+    projected = jnp.where(region_mask[..., None], self.pooler(region_h), -jnp.inf)
+    region_max = jnp.where(region_mask.any(1)[:, None], jnp.max(projected, axis=1), 0.0)
+    if self.cfg.itm_pool == "cls*max":
+      return self.itm(jnp.tanh(pooled) * jnp.tanh(region_max))[..., 0]
+    if self.cfg.itm_pool == "align":
+      return self.itm(jnp.tanh(pooled))[..., 0] + self.itc_scale() * self.word_region_alignment(
+          text_h, region_h, region_mask, text_mask)
+    if self.cfg.itm_pool == "itc":
+      text = _normalise(self.itc_text(text_h[:, 0]))
+      image = jnp.where(region_mask[..., None], self.itc_image(region_h), -jnp.inf)
+      image = _normalise(jnp.where(region_mask.any(1)[:, None], jnp.max(image, axis=1), 0.0))
+      return self.itm(jnp.tanh(pooled))[..., 0] + self.itc_scale() * jnp.sum(text * image, -1)
+    return self.itm(jnp.tanh(pooled + region_max))[..., 0]
+
+  def word_region_alignment(self, text_h: jax.Array, region_h: jax.Array,
+                            region_mask: jax.Array, text_mask: jax.Array) -> jax.Array:
+    """How well each word finds a region [B], float32: each word state (after [CLS]) and each
+    region state of the joint pass through the contrastive heads, L2-normalised; for each word
+    the best cosine over the regions, averaged over the words."""
+    words = _normalise(self.itc_text(text_h))
+    regions = _normalise(self.itc_image(region_h))
+    sim = jnp.einsum("btd,brd->btr", words, regions)
+    best = jnp.max(jnp.where(region_mask[:, None, :], sim, -1.0), axis=-1)
+    counted = text_mask.at[:, 0].set(False).astype(jnp.float32)
+    return jnp.sum(best * counted, -1) / jnp.maximum(jnp.sum(counted, -1), 1.0)
 
   # Contrastive (single-modality) embeddings ----------------------------------------------------
   def text_embedding(self, text_ids: jax.Array, text_mask: jax.Array, *,
@@ -204,16 +246,17 @@ class ImageBert(nnx.Module):
                             jnp.zeros((b, 0), bool), dropout_key=dropout_key)
     return _normalise(self.itc_text(text_h[:, 0]))
 
-  def image_embedding(self, region_feat: jax.Array, region_loc: jax.Array,
+  def image_embedding(self, region_feat: jax.Array | None, region_loc: jax.Array | None,
                       region_mask: jax.Array, cls_sep: tuple[int, int], *,
-                      dropout_key: jax.Array | None = None) -> jax.Array:
-    """The encoder over `[CLS] [SEP]` and the regions; [CLS] projected (with `itc_image_pool`
-    'cls+max', plus the per-dimension maximum of the projected region states) and
-    L2-normalised: [B, itc_dim], f32."""
-    b = region_feat.shape[0]
+                      dropout_key: jax.Array | None = None,
+                      regions: jax.Array | None = None) -> jax.Array:
+    """The encoder over `[CLS] [SEP]` and the regions (or their `project_regions`, `regions`);
+    [CLS] projected (with `itc_image_pool` 'cls+max', plus the per-dimension maximum of the
+    projected region states) and L2-normalised: [B, itc_dim], f32."""
+    b = region_mask.shape[0]
     text_ids = jnp.broadcast_to(jnp.asarray(cls_sep, jnp.int32), (b, 2))
     text_h, region_h = self.encode(text_ids, jnp.ones((b, 2), bool), region_feat, region_loc,
-                                   region_mask, dropout_key=dropout_key)
+                                   region_mask, dropout_key=dropout_key, regions=regions)
     e = self.itc_image(text_h[:, 0])
     if self.cfg.itc_image_pool == "cls+max":
       projected = jnp.where(region_mask[..., None], self.itc_image(region_h), -jnp.inf)
@@ -245,9 +288,9 @@ class ImageBert(nnx.Module):
   def __call__(self, text_ids, text_mask, region_feat, region_loc, region_mask, *,
                dropout_key=None):
     """The matching logit of each (text, regions) pair: the retrieval cross-encoder."""
-    text_h, _ = self.encode(text_ids, text_mask, region_feat, region_loc, region_mask,
-                            dropout_key=dropout_key)
-    return self.itm_logit(text_h)
+    text_h, region_h = self.encode(text_ids, text_mask, region_feat, region_loc, region_mask,
+                                   dropout_key=dropout_key)
+    return self.itm_logit(text_h, region_h, region_mask, text_mask)
 
 
 def _normalise(x: jax.Array) -> jax.Array:

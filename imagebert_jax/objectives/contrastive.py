@@ -37,8 +37,10 @@ def itc_loss(text_emb: jax.Array, image_emb: jax.Array, image_key: jax.Array,
 
 
 def embeddings(model, batch, *, pad_id: int, cls_sep: tuple[int, int],
-               dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """(text, image) embeddings of a batch's matched pairs."""
+               dropout_key: jax.Array | None,
+               regions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(text, image) embeddings of a batch's matched pairs (`regions`: the batch's
+  `project_regions`, when the caller has them already)."""
   text_key = image_key = None
   if dropout_key is not None:
     text_key, image_key = jax.random.split(dropout_key)
@@ -47,11 +49,6 @@ def embeddings(model, batch, *, pad_id: int, cls_sep: tuple[int, int],
   region_mask = jnp.arange(num_r)[None, :] < batch["num_regions"][:, None]
   t = model.text_embedding(text, text != pad_id, dropout_key=text_key)
   i = model.image_embedding(batch["region_feat"], batch["region_loc"], region_mask, cls_sep,
-                            dropout_key=image_key)
+                            dropout_key=image_key, regions=regions)
   return t, i
 
-
-def batch_itc(model, batch, *, pad_id: int, cls_sep: tuple[int, int],
-              dropout_key: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  t, i = embeddings(model, batch, pad_id=pad_id, cls_sep=cls_sep, dropout_key=dropout_key)
-  return itc_loss(t, i, batch["image_key"], model.itc_scale())

@@ -25,11 +25,12 @@ def max_predictions(length: int, rate: float) -> int:
 
 
 def select_positions(key: jax.Array, valid: jax.Array, rate: float,
-                     num_slots: int) -> tuple[jax.Array, jax.Array]:
+                     num_slots: int, first: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Chooses a random subset of the valid positions of each row.
 
   The count is floor(rate * n_valid + u), u ~ U[0, 1) (so its mean is exactly rate * n_valid),
-  at least one when the row has any valid position, at most `num_slots`. Returns
+  at least one when the row has any valid position, at most `num_slots`. Positions where `first`
+  [B, L] is true are chosen before the others (at random among themselves). Returns
   (positions [B, P] int32, weights [B, P] float32); slots beyond the count have weight 0 and point
   at some position whose content must be ignored.
   """
@@ -38,7 +39,10 @@ def select_positions(key: jax.Array, valid: jax.Array, rate: float,
   u = jax.random.uniform(count_key, n_valid.shape)
   count = jnp.floor(rate * n_valid + u).astype(jnp.int32)
   count = jnp.clip(count, jnp.minimum(1, n_valid), jnp.minimum(num_slots, n_valid))
-  scores = jnp.where(valid, jax.random.uniform(order_key, valid.shape), -1.0)
+  scores = jax.random.uniform(order_key, valid.shape)
+  if first is not None:
+    scores = scores + first.astype(scores.dtype)
+  scores = jnp.where(valid, scores, -1.0)
   _, positions = jax.lax.top_k(scores, num_slots)
   weights = (jnp.arange(num_slots)[None, :] < count[:, None]).astype(jnp.float32)
   return positions.astype(jnp.int32), weights
@@ -53,11 +57,13 @@ class TextMasking(NamedTuple):
 
 def mask_text(key: jax.Array, text_ids: jax.Array, maskable: jax.Array, *, rate: float,
               num_slots: int, mask_id: int, random_token_range: tuple[int, int],
-              mask_prob: float = 0.8, random_prob: float = 0.1) -> TextMasking:
+              mask_prob: float = 0.8, random_prob: float = 0.1,
+              first: jax.Array | None = None) -> TextMasking:
   """BERT masking: of the chosen tokens, `mask_prob` become [MASK], `random_prob` a random token
-  drawn uniformly from `random_token_range` (low inclusive, high exclusive), the rest unchanged."""
+  drawn uniformly from `random_token_range` (low inclusive, high exclusive), the rest unchanged.
+  Tokens where `first` is true are chosen before the others (`select_positions`)."""
   select_key, action_key, token_key = jax.random.split(key, 3)
-  positions, weights = select_positions(select_key, maskable, rate, num_slots)
+  positions, weights = select_positions(select_key, maskable, rate, num_slots, first)
   labels = jnp.take_along_axis(text_ids, positions, axis=1)
   action = jax.random.uniform(action_key, positions.shape)
   random_tokens = jax.random.randint(token_key, positions.shape, *random_token_range,
@@ -117,3 +123,74 @@ def itm_pairs(key: jax.Array, image_key: jax.Array, neg_prob: float) -> PairSwap
   region_src = jnp.where(neg & ~swap_text, partner, idx)
   labels = (image_key[text_src] == image_key[region_src]).astype(jnp.float32)
   return PairSwap(text_src, region_src, labels)
+
+
+def sample_negatives(key: jax.Array, logits: jax.Array,
+                     image_key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Hard negatives drawn from a batch's contrastive logits (ALBEF's sampling, Li et al. 2021).
+
+  `logits` [B, B] is caption j against image i (the contrastive head's scale x cosine). Each
+  image draws one negative caption with probability softmax over the captions of other images of
+  its column, and each caption one negative image from its row the same way: the most similar
+  wrong partners are the likeliest, yet every one can be drawn, so one near-duplicate of the
+  right answer (a false negative) does not get every draw. Returns (caption for each image [B],
+  image for each caption [B]); an entry with no other image in the batch gets itself.
+  """
+  k_caption, k_image = jax.random.split(key)
+  b = logits.shape[0]
+  other = image_key[:, None] != image_key[None, :]  # [caption, image]: different images
+  logits = jax.lax.stop_gradient(logits.astype(jnp.float32))
+  masked = jnp.where(other, logits, -jnp.inf)
+  own = jnp.arange(b)
+  caption_for_image = jax.random.categorical(k_caption, masked.T, axis=-1)
+  image_for_caption = jax.random.categorical(k_image, masked, axis=-1)
+  has = other.any(axis=0)  # symmetric: an image has another when its caption does
+  return (jnp.where(has, caption_for_image, own).astype(jnp.int32),
+          jnp.where(has, image_for_caption, own).astype(jnp.int32))
+
+
+def hard_itm_pairs(key: jax.Array, logits: jax.Array, image_key: jax.Array,
+                   random_share: float = 0.0) -> PairSwap:
+  """Image-text matching pairs with hard negatives: the batch's B matched pairs first, then one
+  negative per pair, its caption or (as often) its image replaced by one drawn from the
+  contrastive logits (`sample_negatives`), or with probability `random_share` by one drawn
+  uniformly from the other images' (the easy negatives that matching starts learning from).
+  [2B] entries; labels compare image identities."""
+  sample_key, uniform_key, side_key, share_key = jax.random.split(key, 4)
+  b = image_key.shape[0]
+  own = jnp.arange(b, dtype=jnp.int32)
+  neg_caption, neg_image = sample_negatives(sample_key, logits, image_key)
+  if random_share > 0:
+    any_caption, any_image = sample_negatives(uniform_key, jnp.zeros_like(logits), image_key)
+    easy = jax.random.uniform(share_key, (b,)) < random_share
+    neg_caption = jnp.where(easy, any_caption, neg_caption)
+    neg_image = jnp.where(easy, any_image, neg_image)
+  swap_text = jax.random.uniform(side_key, (b,)) < 0.5
+  text_src = jnp.concatenate([own, jnp.where(swap_text, neg_caption, own)])
+  region_src = jnp.concatenate([own, jnp.where(swap_text, own, neg_image)])
+  labels = (image_key[text_src] == image_key[region_src]).astype(jnp.float32)
+  return PairSwap(text_src, region_src, labels)
+
+
+def swap_foils(key: jax.Array, text_ids: jax.Array,
+               word_kinds: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Foils of captions: the same words with two of one kind swapped (NegCLIP's swaps,
+  Yuksekgonul et al. 2023). `word_kinds` [V] int gives every token id its kind (0: none; e.g. 1 for
+  the detector's object names, 2 for its attribute names). In each caption, two positions of
+  one kind holding different tokens are drawn uniformly among all such pairs and swapped: "a red
+  car next to a white bus" -> "a white car next to a red bus", "a dog left of a car" -> "a car
+  left of a dog". Returns (foils [B, T], has_foil [B] bool: the caption had such a pair; where
+  it had none its foil is the caption itself)."""
+  b, t = text_ids.shape
+  kind = word_kinds[text_ids]
+  same_kind = (kind[:, :, None] == kind[:, None, :]) & (kind[:, :, None] > 0)
+  differ = text_ids[:, :, None] != text_ids[:, None, :]
+  upper = jnp.arange(t)[:, None] < jnp.arange(t)[None, :]
+  valid = (same_kind & differ & upper[None]).reshape(b, t * t)
+  noise = jax.random.gumbel(key, valid.shape)
+  pick = jnp.argmax(jnp.where(valid, noise, -jnp.inf), axis=-1)
+  has = valid.any(axis=-1)
+  i, j = pick // t, pick % t
+  rows = jnp.arange(b)
+  swapped = text_ids.at[rows, i].set(text_ids[rows, j]).at[rows, j].set(text_ids[rows, i])
+  return jnp.where(has[:, None], swapped, text_ids), has

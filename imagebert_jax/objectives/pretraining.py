@@ -2,7 +2,9 @@
 
 Per batch of matched (caption, image) pairs:
   1. Image-text matching: a share of the pairs become negatives by swapping the caption or the
-     image with another pair's (`masking.itm_pairs`); binary cross-entropy on the [CLS] score.
+     image with another pair's (`masking.itm_pairs`), or (itm_negatives='hard') every pair gets
+     one more row, a negative drawn from the batch's contrastive similarities
+     (`masking.hard_itm_pairs`); binary cross-entropy on the [CLS] score.
   2. Masked language modelling: 15% of the word tokens (80% [MASK], 10% random, 10% kept);
      cross-entropy over the vocabulary at those positions only.
   3. Masked object classification: 15% of the regions (feature zeroed 90% of the time); cross-entropy
@@ -50,6 +52,27 @@ class PretrainObjective:
   region_rate: float = 0.15
   region_zero_prob: float = 0.9
   itm_neg_prob: float = 0.5
+  # Where image-text matching negatives come from: 'random' (the paper's: a share itm_neg_prob of
+  # the pairs get another pair's caption or image, drawn uniformly) or 'hard' (every pair also
+  # gets one negative drawn from the batch's contrastive similarities, masking.hard_itm_pairs:
+  # twice the rows through the joint encoder; needs itc_weight > 0).
+  itm_negatives: str = "random"
+  itm_random_share: float = 0.0  # with 'hard': this share of the negatives drawn uniformly
+  # What matching sees: 'masked' (the paper's: the pass that the masked objectives use, masked
+  # alike for matched and unmatched rows) or 'clean' (a pass of its own over unmasked inputs, as
+  # retrieval scores them; the masked pass then runs on the batch's matched pairs only).
+  itm_inputs: str = "masked"
+  # Visual words: the tokens that name what the detector sees (its object and attribute names;
+  # filled from the dataset, not a config key). With mlm_visual_share > 0, that share of the
+  # captions has its visual words masked before its other words: words only the image can tell.
+  visual_token_ids: tuple[int, ...] = ()
+  mlm_visual_share: float = 0.0
+  # Foils (masking.swap_foils): the detector's object and attribute names' tokens (filled from
+  # the dataset); with itm_negatives 'hard', this share of the pairs whose caption has two such
+  # words of one kind takes as its negative that caption with them swapped, on its own image.
+  object_token_ids: tuple[int, ...] = ()
+  attribute_token_ids: tuple[int, ...] = ()
+  itm_foil_share: float = 0.0
   moc_loss: str = "ce"  # 'ce' (detector's top class) or 'kl' (its class distribution)
   mlm_weight: float = 1.0
   moc_weight: float = 1.0
@@ -58,10 +81,28 @@ class PretrainObjective:
   itc_weight: float = 0.0  # the contrastive loss on the unmasked matched pairs (0: off)
 
   def validate(self) -> None:
+    if self.itm_negatives not in ("random", "hard"):
+      raise ValueError(f"config.objective.itm_negatives={self.itm_negatives!r}: want 'random' or "
+                       "'hard'")
+    if self.itm_negatives == "hard" and not self.itc_weight:
+      raise ValueError("config.objective.itm_negatives='hard' draws negatives from the contrastive "
+                       "similarities: it needs config.objective.itc_weight > 0")
+    if self.itm_inputs not in ("masked", "clean"):
+      raise ValueError(f"config.objective.itm_inputs={self.itm_inputs!r}: want 'masked' or "
+                       "'clean'")
+    if self.itm_foil_share and self.itm_negatives != "hard":
+      raise ValueError("config.objective.itm_foil_share > 0 needs itm_negatives='hard' (a foil "
+                       "takes the place of a pair's drawn negative)")
+    if self.itm_foil_share and not (self.object_token_ids or self.attribute_token_ids):
+      raise ValueError("config.objective.itm_foil_share > 0 needs the detector's words: the "
+                       "dataset names no detector classes or attributes")
+    if self.mlm_visual_share and not self.visual_token_ids:
+      raise ValueError("config.objective.mlm_visual_share > 0 needs the visual words: the "
+                       "dataset names no detector classes or attributes")
     if self.moc_loss not in ("ce", "kl"):
       raise ValueError(f"config.objective.moc_loss={self.moc_loss!r}: want 'ce' or 'kl'")
     for name in ("mlm_rate", "region_rate", "itm_neg_prob", "mlm_mask_prob", "mlm_random_prob",
-                 "region_zero_prob"):
+                 "region_zero_prob", "itm_random_share", "mlm_visual_share", "itm_foil_share"):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"config.objective.{name}={getattr(self, name)}: want a value in [0, 1]")
     if self.mlm_mask_prob + self.mlm_random_prob > 1.0:
@@ -120,49 +161,83 @@ def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
   not used: the masks come from `key`.)"""
   del step
   itm_key, text_key, region_key, dropout_key = jax.random.split(key, 4)
-  swap = masking.itm_pairs(itm_key, batch["image_key"], obj.itm_neg_prob)
-  text_ids = batch["text_ids"][swap.text_src]
-  region_feat = batch["region_feat"][swap.region_src]
-  region_loc = batch["region_loc"][swap.region_src]
-  num_regions = batch["num_regions"][swap.region_src]
-  region_class = batch["region_class"][swap.region_src]
+  b = batch["text_ids"].shape[0]
+  clean = obj.itm_inputs == "clean"
+  # The unmasked regions' input embeddings, once per image of the batch, for every pass that
+  # takes them as they are (the contrastive image pass, clean matching).
+  projected = model.project_regions(batch["region_feat"], batch["region_loc"]) if clean else None
+  embedded = None
+  if obj.itc_weight:
+    embedded = contrastive.embeddings(
+        model, batch, pad_id=obj.pad_id, cls_sep=(obj.cls_id, obj.sep_id),
+        dropout_key=jax.random.fold_in(dropout_key, 1) if train else None, regions=projected)
+  if obj.itm_negatives == "hard":
+    logits = model.itc_scale() * (embedded[0] @ embedded[1].T)
+    swap = masking.hard_itm_pairs(itm_key, logits, batch["image_key"], obj.itm_random_share)
+  else:
+    swap = masking.itm_pairs(itm_key, batch["image_key"], obj.itm_neg_prob)
+  pair_fields = ("text_ids", "region_feat", "region_loc", "num_regions", "region_class")
+  pairs = {k: batch[k][swap.text_src if k == "text_ids" else swap.region_src]
+           for k in pair_fields}
+  if obj.itm_foil_share:
+    # A share of the negatives become their pair's foil: its own caption with two words swapped.
+    foil_key, share_key = jax.random.split(jax.random.fold_in(itm_key, 1))
+    kinds = word_kinds(model.cfg.vocab_size, obj.object_token_ids, obj.attribute_token_ids)
+    foils, has = masking.swap_foils(foil_key, batch["text_ids"], kinds)
+    use = has & (jax.random.uniform(share_key, has.shape) < obj.itm_foil_share)
+    use = jnp.concatenate([jnp.zeros_like(use), use])  # the negative rows only
+    own = jnp.concatenate([jnp.arange(b), jnp.arange(b)])
+    pairs = {k: jnp.where(use.reshape((-1,) + (1,) * (v.ndim - 1)),
+                          jnp.concatenate([foils, foils]) if k == "text_ids" else batch[k][own], v)
+             for k, v in pairs.items()}
+    swap = swap._replace(region_src=jnp.where(use, own, swap.region_src),
+                         labels=jnp.where(use, 0.0, swap.labels))
+    foil_rows = use
+  drop = dropout_key if train else None
 
-  text_mask = text_ids != obj.pad_id
-  maskable = text_mask & (text_ids != obj.cls_id) & (text_ids != obj.sep_id)
-  text_slots = masking.max_predictions(text_ids.shape[1], obj.mlm_rate)
-  tm = masking.mask_text(text_key, text_ids, maskable, rate=obj.mlm_rate, num_slots=text_slots,
-                         mask_id=obj.mask_id, random_token_range=obj.random_token_range,
-                         mask_prob=obj.mlm_mask_prob, random_prob=obj.mlm_random_prob)
-  num_r = region_feat.shape[1]
-  region_mask = jnp.arange(num_r)[None, :] < num_regions[:, None]
-  region_slots = masking.max_predictions(num_r, obj.region_rate)
-  rm = masking.mask_regions(region_key, region_feat, region_mask, rate=obj.region_rate,
-                            num_slots=region_slots, zero_prob=obj.region_zero_prob)
-
-  text_h, region_h = model.encode(tm.input_ids, text_mask, rm.features, region_loc, region_mask,
-                                  dropout_key=dropout_key if train else None)
-  matched = swap.labels[:, None]
-
-  itm_logits = model.itm_logit(text_h)
+  # The masked pass: over the matching rows (masked alike whatever their label), or with clean
+  # matching inputs over the batch's own pairs, all matched.
+  masked_rows = {k: batch[k] for k in pair_fields} if clean else pairs
+  matched = jnp.ones((b,), jnp.float32) if clean else swap.labels
+  region_src = jnp.arange(b) if clean else swap.region_src
+  text_h, region_h, tm, rm, region_mask = _masked_pass(model, masked_rows, text_key, region_key,
+                                                       drop, obj)
+  if clean:
+    itm_text = pairs["text_ids"]
+    itm_regions = (jnp.arange(pairs["region_feat"].shape[1])[None, :]
+                   < pairs["num_regions"][:, None])
+    itm_text_h, itm_region_h = model.encode(
+        itm_text, itm_text != obj.pad_id, None, None, itm_regions,
+        dropout_key=jax.random.fold_in(drop, 2) if train else None,
+        regions=projected[swap.region_src])
+    itm_logits = model.itm_logit(itm_text_h, itm_region_h, itm_regions, itm_text != obj.pad_id)
+  else:
+    itm_logits = model.itm_logit(text_h, region_h, region_mask,
+                                 masked_rows["text_ids"] != obj.pad_id)
   l_itm, a_itm = itm_loss(itm_logits, swap.labels)
 
-  mlm_logits = model.mlm_logits(gather_rows(text_h, tm.positions))
+  # The masked objectives, on the rows that can be matched pairs (in 'hard' mode the first B).
+  rows = slice(0, b) if (obj.itm_negatives == "hard" and not clean) else slice(None)
+  weights = matched[rows, None]
+  mlm_logits = model.mlm_logits(gather_rows(text_h[rows], tm.positions[rows]))
   if obj.vocab_size and mlm_logits.shape[-1] > obj.vocab_size:
     # A vocabulary padded past the tokenizer's (for tile-aligned matrices): never predict those.
     mlm_logits = jnp.where(jnp.arange(mlm_logits.shape[-1]) < obj.vocab_size, mlm_logits, -1e9)
-  l_mlm, a_mlm = mlm_loss(mlm_logits, tm.labels, tm.weights * matched)
+  l_mlm, a_mlm = mlm_loss(mlm_logits, tm.labels[rows], tm.weights[rows] * weights)
 
-  masked_h = gather_rows(region_h, rm.positions)
-  class_labels = jnp.take_along_axis(region_class, rm.positions, axis=1)
+  positions = rm.positions[rows]
+  masked_h = gather_rows(region_h[rows], positions)
+  region_class = masked_rows["region_class"]
+  class_labels = jnp.take_along_axis(region_class[rows], positions, axis=1)
   probs = None
   if obj.moc_loss == "kl":
-    probs = gather_rows(batch["region_probs"][swap.region_src], rm.positions)
+    probs = gather_rows(batch["region_probs"][region_src[rows]], positions)
   known = (class_labels >= 0).astype(jnp.float32)  # -1: the detector gave no class
   l_moc, a_moc = moc_loss(model.moc_logits(masked_h), jnp.maximum(class_labels, 0),
-                          rm.weights * matched * known, probs)
+                          rm.weights[rows] * weights * known, probs)
 
-  target_feat = gather_rows(region_feat, rm.positions)
-  l_mrfr = mrfr_loss(model.mrfr_prediction(masked_h), target_feat, rm.weights * matched)
+  target_feat = gather_rows(masked_rows["region_feat"][rows], positions)
+  l_mrfr = mrfr_loss(model.mrfr_prediction(masked_h), target_feat, rm.weights[rows] * weights)
 
   total = (obj.mlm_weight * l_mlm + obj.moc_weight * l_moc + obj.mrfr_weight * l_mrfr
            + obj.itm_weight * l_itm)
@@ -171,10 +246,57 @@ def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
       "itm_loss": l_itm, "mlm_accuracy": a_mlm, "moc_accuracy": a_moc, "itm_accuracy": a_itm,
       "itm_positive_share": jnp.mean(swap.labels), "itm_score_std": jnp.std(itm_logits),
   }
+  if obj.itm_foil_share:
+    metrics["itm_foil_accuracy"] = (jnp.sum(((itm_logits < 0) & foil_rows).astype(jnp.float32))
+                                    / jnp.maximum(jnp.sum(foil_rows), 1))
+    metrics["itm_foil_share"] = jnp.sum(foil_rows) / b
+  if obj.itm_negatives == "hard":
+    # The matching head on the drawn negatives alone: how often it tells them apart.
+    negatives = swap.labels[b:] == 0
+    metrics["itm_hard_negative_accuracy"] = (
+        jnp.sum(((itm_logits[b:] < 0) & negatives).astype(jnp.float32))
+        / jnp.maximum(jnp.sum(negatives), 1))
   if obj.itc_weight:
-    l_itc, itc_metrics = contrastive.batch_itc(
-        model, batch, pad_id=obj.pad_id, cls_sep=(obj.cls_id, obj.sep_id),
-        dropout_key=jax.random.fold_in(dropout_key, 1) if train else None)
+    l_itc, itc_metrics = contrastive.itc_loss(*embedded, batch["image_key"], model.itc_scale())
     total = total + obj.itc_weight * l_itc
     metrics.update(itc_metrics, loss=total)
   return total, metrics
+
+
+def word_kinds(vocab_size: int, object_ids: tuple[int, ...],
+               attribute_ids: tuple[int, ...]) -> jax.Array:
+  """[V] int32: 1 for the object names' tokens, 2 for the attribute names', 0 for the others."""
+  kinds = jnp.zeros((vocab_size,), jnp.int32)
+  if object_ids:
+    kinds = kinds.at[jnp.asarray(object_ids)].set(1)
+  if attribute_ids:
+    kinds = kinds.at[jnp.asarray(attribute_ids)].set(2)
+  return kinds
+
+
+def _masked_pass(model, rows: Mapping[str, jax.Array], text_key: jax.Array,
+                 region_key: jax.Array, dropout_key: jax.Array | None, obj: PretrainObjective):
+  """Masks the words and regions of `rows` and runs the encoder: (text hidden, region hidden,
+  text masking, region masking, region mask)."""
+  text_ids, region_feat = rows["text_ids"], rows["region_feat"]
+  text_mask = text_ids != obj.pad_id
+  maskable = text_mask & (text_ids != obj.cls_id) & (text_ids != obj.sep_id)
+  first = None
+  if obj.mlm_visual_share:
+    share_key, text_key = jax.random.split(text_key)
+    visual = jnp.isin(text_ids, jnp.asarray(obj.visual_token_ids, text_ids.dtype))
+    chosen = jax.random.uniform(share_key, (text_ids.shape[0], 1)) < obj.mlm_visual_share
+    first = visual & chosen
+  text_slots = masking.max_predictions(text_ids.shape[1], obj.mlm_rate)
+  tm = masking.mask_text(text_key, text_ids, maskable, rate=obj.mlm_rate, num_slots=text_slots,
+                         mask_id=obj.mask_id, random_token_range=obj.random_token_range,
+                         mask_prob=obj.mlm_mask_prob, random_prob=obj.mlm_random_prob,
+                         first=first)
+  num_r = region_feat.shape[1]
+  region_mask = jnp.arange(num_r)[None, :] < rows["num_regions"][:, None]
+  region_slots = masking.max_predictions(num_r, obj.region_rate)
+  rm = masking.mask_regions(region_key, region_feat, region_mask, rate=obj.region_rate,
+                            num_slots=region_slots, zero_prob=obj.region_zero_prob)
+  text_h, region_h = model.encode(tm.input_ids, text_mask, rm.features, rows["region_loc"],
+                                  region_mask, dropout_key=dropout_key)
+  return text_h, region_h, tm, rm, region_mask

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from imagebert_jax.objectives import contrastive
+from imagebert_jax.objectives import contrastive, masking
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +37,18 @@ class RetrievalObjective:
   hard_from_step: int = 0    # random negatives (the first K candidates) before this step
   # How candidates are ranked for mining: 'cross_encoder' (M forward passes per pair and
   # direction, as the paper) or 'itc' (the contrastive similarities of the batch, computed once
-  # for the whole batch: mining costs nothing more than the contrastive loss).
+  # for the whole batch: mining costs nothing more than the contrastive loss); or
+  # 'itc_sample': the K negatives are drawn from all the batch's other images (captions) with
+  # the probabilities of the softmax of the contrastive logits, without replacement (ALBEF's
+  # sampling; M is not used): the hardest are the likeliest, a near-duplicate of the right
+  # answer (a false negative) is not drawn every time.
   mine_with: str = "cross_encoder"
+  # Foils (masking.swap_foils): with foil_share > 0, that share of the pairs whose caption has two
+  # of the detector's object (or attribute) words gets one more caption negative for its image:
+  # its own caption with them swapped. The token ids come from the dataset.
+  foil_share: float = 0.0
+  object_token_ids: tuple[int, ...] = ()
+  attribute_token_ids: tuple[int, ...] = ()
   cls_id: int = 101
   sep_id: int = 102
 
@@ -48,13 +58,25 @@ class RetrievalObjective:
                        f"num_candidates ({self.num_candidates})")
     if min(self.bce_weight, self.softmax_weight, self.triplet_weight, self.itc_weight) < 0:
       raise ValueError("config.objective: loss weights must not be negative")
-    if self.mine_with not in ("cross_encoder", "itc"):
-      raise ValueError(f"config.objective.mine_with={self.mine_with!r}: want cross_encoder or itc")
+    if not 0.0 <= self.foil_share <= 1.0:
+      raise ValueError(f"config.objective.foil_share={self.foil_share}: want a share in [0, 1]")
+    if self.foil_share and not (self.object_token_ids or self.attribute_token_ids):
+      raise ValueError("config.objective.foil_share > 0 needs the detector's words: the dataset "
+                       "names no detector classes or attributes")
+    if self.mine_with not in ("cross_encoder", "itc", "itc_sample"):
+      raise ValueError(f"config.objective.mine_with={self.mine_with!r}: want cross_encoder, itc "
+                       "or itc_sample")
 
 
-def _score(model, text_ids, feat, loc, num_regions, pad_id, dropout_key):
-  region_mask = jnp.arange(feat.shape[1])[None, :] < num_regions[:, None]
-  return model(text_ids, text_ids != pad_id, feat, loc, region_mask, dropout_key=dropout_key)
+def _score(model, text_ids, feat, loc, num_regions, pad_id, dropout_key, regions=None):
+  """Matching logits of (text, image) rows; `regions` [rows, R, H]: the images'
+  `project_regions`, computed once per image (then `feat` and `loc` are not read)."""
+  width = (feat if regions is None else regions).shape[1]
+  region_mask = jnp.arange(width)[None, :] < num_regions[:, None]
+  text_mask = text_ids != pad_id
+  text_h, region_h = model.encode(text_ids, text_mask, feat, loc, region_mask,
+                                  dropout_key=dropout_key, regions=regions)
+  return model.itm_logit(text_h, region_h, region_mask, text_mask)
 
 
 def candidates(key: jax.Array, image_key: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
@@ -73,6 +95,25 @@ def candidates(key: jax.Array, image_key: jax.Array, num: int) -> tuple[jax.Arra
     idx = jnp.pad(idx, ((0, 0), (0, pad)))
     valid = jnp.pad(valid, ((0, 0), (0, pad)))
   return idx, valid
+
+
+def draw_negatives(key: jax.Array, logits: jax.Array, image_key: jax.Array, k: int):
+  """K negatives per entry drawn without replacement with the probabilities of the softmax of
+  `logits` [caption, image] over the entries of other images (the Gumbel top-k trick):
+  ((captions for each image [B, K], valid), (images for each caption [B, K], valid)). Slots past
+  the number of other images in the batch are invalid."""
+  b = logits.shape[0]
+  other = image_key[:, None] != image_key[None, :]
+  k_cap, k_img = jax.random.split(key)
+  out = []
+  for sub, scores in ((k_cap, logits.T), (k_img, logits)):  # rows: the query
+    noisy = jnp.where(other, scores + jax.random.gumbel(sub, (b, b)), -jnp.inf)
+    top, idx = jax.lax.top_k(noisy, min(k, b))
+    valid = jnp.isfinite(top)
+    if k > b:
+      idx, valid = jnp.pad(idx, ((0, 0), (0, k - b))), jnp.pad(valid, ((0, 0), (0, k - b)))
+    out.append((idx.astype(jnp.int32), valid))
+  return tuple(out)
 
 
 def group_losses(pos: jax.Array, neg: jax.Array, valid: jax.Array,
@@ -111,13 +152,23 @@ def retrieval_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
   cand_key, cand_key2, dropout_key = jax.random.split(key, 3)
   cap_cand, cap_valid = candidates(cand_key, ikey, m)    # other captions for image i
   img_cand, img_valid = candidates(cand_key2, ikey, m)   # other images for caption i
+  # The regions' input embeddings once per image of the batch, for every pass and pair.
+  projected = model.project_regions(feat, loc)
   embedded = None
-  if obj.itc_weight or obj.mine_with == "itc":
+  if obj.itc_weight or obj.mine_with in ("itc", "itc_sample"):
     embedded = contrastive.embeddings(
         model, batch, pad_id=obj.pad_id, cls_sep=(obj.cls_id, obj.sep_id),
-        dropout_key=jax.random.fold_in(dropout_key, 1) if train else None)
+        dropout_key=jax.random.fold_in(dropout_key, 1) if train else None, regions=projected)
 
-  if m > k:
+  if obj.mine_with == "itc_sample":
+    logits = jax.lax.stop_gradient(model.itc_scale() * (embedded[0] @ embedded[1].T))
+    sampled = draw_negatives(cand_key, logits, ikey, k)
+    if step is not None and obj.hard_from_step > 0:
+      uniform = draw_negatives(cand_key, jnp.zeros_like(logits), ikey, k)
+      sampled = jax.tree.map(lambda a, b_: jnp.where(step >= obj.hard_from_step, a, b_), sampled,
+                             uniform)
+    (cap_cand, cap_valid), (img_cand, img_valid) = sampled
+  elif m > k:
     def mine(_):  # score all candidates without gradients, keep the K highest
       frozen = jax.lax.stop_gradient
       if obj.mine_with == "itc":
@@ -127,10 +178,10 @@ def retrieval_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
       else:
         rows = jnp.repeat(jnp.arange(b), m)
         c, ci = cap_cand.reshape(-1), img_cand.reshape(-1)
-        s_cap = frozen(_score(model, text[c], feat[rows], loc[rows], nreg[rows], obj.pad_id,
-                              None)).reshape(b, m)
-        s_img = frozen(_score(model, text[rows], feat[ci], loc[ci], nreg[ci], obj.pad_id,
-                              None)).reshape(b, m)
+        s_cap = frozen(_score(model, text[c], None, None, nreg[rows], obj.pad_id, None,
+                              projected[rows])).reshape(b, m)
+        s_img = frozen(_score(model, text[rows], None, None, nreg[ci], obj.pad_id, None,
+                              projected[ci])).reshape(b, m)
       s_cap = jnp.where(cap_valid, s_cap.reshape(b, m), -jnp.inf)
       s_img = jnp.where(img_valid, s_img.reshape(b, m), -jnp.inf)
       return jax.lax.top_k(s_cap, k)[1], jax.lax.top_k(s_img, k)[1]
@@ -148,13 +199,26 @@ def retrieval_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
     img_cand = jnp.take_along_axis(img_cand, pick_i, 1)
     img_valid = jnp.take_along_axis(img_valid, pick_i, 1)
 
-  # One forward over positives, caption negatives and image negatives.
+  # One forward over positives, caption negatives and image negatives (and foils).
   rows = jnp.repeat(jnp.arange(b), k)
-  text_idx = jnp.concatenate([jnp.arange(b), cap_cand.reshape(-1), rows])
-  image_idx = jnp.concatenate([jnp.arange(b), rows, img_cand.reshape(-1)])
-  s = _score(model, text[text_idx], feat[image_idx], loc[image_idx], nreg[image_idx], obj.pad_id,
-             dropout_key if train else None)
-  pos, s_cap, s_img = s[:b], s[b:b + b * k].reshape(b, k), s[b + b * k:].reshape(b, k)
+  texts = [text, text[cap_cand.reshape(-1)], text[rows]]
+  image_idx = [jnp.arange(b), rows, img_cand.reshape(-1)]
+  if obj.foil_share:
+    from imagebert_jax.objectives.pretraining import word_kinds
+    foil_key, share_key = jax.random.split(jax.random.fold_in(cand_key, 7))
+    foils, has = masking.swap_foils(
+        foil_key, text, word_kinds(model.cfg.vocab_size, obj.object_token_ids,
+                                   obj.attribute_token_ids))
+    has = has & (jax.random.uniform(share_key, has.shape) < obj.foil_share)
+    texts.append(foils)
+    image_idx.append(jnp.arange(b))
+  image_idx = jnp.concatenate(image_idx)
+  s = _score(model, jnp.concatenate(texts), None, None, nreg[image_idx], obj.pad_id,
+             dropout_key if train else None, projected[image_idx])
+  pos, s_cap, s_img = s[:b], s[b:b + b * k].reshape(b, k), s[b + b * k:b + 2 * b * k].reshape(b, k)
+  if obj.foil_share:  # the foil: one more caption negative for its image
+    s_cap = jnp.concatenate([s_cap, s[b + 2 * b * k:, None]], axis=1)
+    cap_valid = jnp.concatenate([cap_valid, has[:, None]], axis=1)
   by_caption = group_losses(pos, s_cap, cap_valid, obj)   # image -> other captions
   by_image = group_losses(pos, s_img, img_valid, obj)     # caption -> other images
   terms = {name: 0.5 * (by_caption[name] + by_image[name])
@@ -166,6 +230,9 @@ def retrieval_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
              "i2t_batch_accuracy": by_caption["rank1_accuracy"],
              "t2i_batch_accuracy": by_image["rank1_accuracy"],
              "positive_score": jnp.mean(pos), "score_std": jnp.std(s)}
+  if obj.foil_share:
+    metrics["foil_accuracy"] = (jnp.sum((pos > s_cap[:, -1]) & has)
+                                / jnp.maximum(jnp.sum(has), 1)).astype(jnp.float32)
   if obj.itc_weight:
     l_itc, itc_metrics = contrastive.itc_loss(*embedded, ikey, model.itc_scale())
     total = total + obj.itc_weight * l_itc
