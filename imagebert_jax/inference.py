@@ -396,10 +396,7 @@ class TrainedModel:
     if self._tokenizer is None:
       from imagebert_jax.data.tokenizer import Tokenizer
       self._tokenizer = Tokenizer(self.vocab_file, self.cfg.max_text_len, self.lowercase)
-    ids = np.full((len(texts), self.cfg.max_text_len), self.ids.pad_id, np.int32)
-    for i, tokens in enumerate(self._tokenizer.encode_batch(list(texts))):
-      ids[i, :len(tokens)] = tokens
-    return ids
+    return self._tokenizer.encode_padded(list(texts))
 
   def _ids(self, texts) -> np.ndarray:
     if isinstance(texts, np.ndarray):

@@ -41,14 +41,17 @@ def prepare_data(config: ml_collections.ConfigDict, data: ml_collections.ConfigD
                  workdir: str) -> tuple[str, str]:
   """(dataset folder, vocabulary file); generates and builds the synthetic dataset first when
   asked to: kind 'scenes' (imagebert_jax/data/realistic.py: detector-like features in the public
-  TSV and Karpathy formats, built like downloaded data; splits train, val and test) or 'toy'
+  TSV and Karpathy formats, built like downloaded data; splits train, val and test, and with
+  `synthetic.web_images` a web set of other images with alt-text captions in the Conceptual
+  Captions format, its one split 'web', which the stages with `synthetic.web` read) or 'toy'
   (imagebert_jax/data/synthetic.py: the small scenes of the tests; splits train_split and
   eval_split)."""
   from imagebert_jax.data import records
   data_dir = data.dir
   syn = data.synthetic
   if syn.enabled:
-    data_dir = data_dir or paths.join(workdir, "synthetic_data")
+    web = syn.kind == "scenes" and syn.get("web", False)
+    data_dir = data_dir or paths.join(workdir, "synthetic_web" if web else "synthetic_data")
     feature_dim = syn.feature_dim or config.model.region_feature_dim
     if jax.process_index() == 0 and syn.kind == "scenes":
       from imagebert_jax.data import realistic
@@ -65,7 +68,8 @@ def prepare_data(config: ml_collections.ConfigDict, data: ml_collections.ConfigD
                                               captions_per_image=syn.captions_per_image),
                       max_text_len=config.model.max_text_len,
                       max_boxes=min(syn.max_regions, config.model.max_regions),
-                      vocab_file=config.text.vocab_file)
+                      vocab_file=config.text.vocab_file, web_images=syn.get("web_images", 0),
+                      web=web, name="web_scenes" if web else "scenes")
     elif jax.process_index() == 0:
       from imagebert_jax.data import synthetic
       spec = synthetic.SyntheticSpec(
@@ -97,11 +101,64 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
   return cfg
 
 
-def pretrain_objective(obj_cfg: ml_collections.ConfigDict, ids) -> PretrainObjective:
+# Words inside detector names that name nothing visual ("leg of table", "street light").
+_NOT_VISUAL = frozenset(("of", "the", "a", "an", "in", "on", "and"))
+# Where things are, which only the boxes tell: visual words whatever the detector's names.
+SPATIAL_WORDS = ("left", "right", "above", "below", "under", "behind", "front", "top",
+                 "bottom", "beside", "between", "inside", "outside")
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorWords:
+  """Token ids of the words that name what the detector sees (`detector_words`)."""
+
+  objects: tuple[int, ...] = ()     # its object names' tokens
+  attributes: tuple[int, ...] = ()  # its attribute names' tokens
+  spatial: tuple[int, ...] = ()     # SPATIAL_WORDS' tokens
+
+  @property
+  def visual(self) -> tuple[int, ...]:
+    return tuple(sorted(set(self.objects) | set(self.attributes) | set(self.spatial)))
+
+
+def detector_words(data_dir: str, vocab: str) -> DetectorWords:
+  """The tokens of the object and attribute names the datasets' summaries list (`class_names`,
+  `attribute_names`: a detector's vocabularies, synonyms separated by commas) and of the spatial
+  words, WordPiece-tokenized with the stage's vocabulary, without function words, special and
+  unknown tokens. Objects and attributes are each only the names of one token (a foil swaps
+  whole words); no names at all gives no words."""
+  from imagebert_jax.data import pipeline, records
+  from imagebert_jax.data.tokenizer import Tokenizer
+  names = {"class_names": [], "attribute_names": []}
+  for d in pipeline.data_dirs(data_dir):
+    info = records.read_info(d)
+    for key in names:
+      for line in info.get(key, []):
+        names[key] += [n.strip() for n in str(line).split(",") if n.strip()]
+  if not any(names.values()):
+    return DetectorWords()
+  tok = Tokenizer(vocab, max_len=16)
+  ids = tok.ids
+  ignore = {ids.pad_id, ids.unk_id, ids.cls_id, ids.sep_id, ids.mask_id}
+  ignore |= {int(t) for w in _NOT_VISUAL for t in tok.encode(w)}
+
+  def single(words):
+    rows = tok.encode_batch(words) if words else []
+    return tuple(sorted({int(r[1]) for r in rows if len(r) == 3} - ignore))  # [CLS] w [SEP]
+
+  spatial = {int(t) for row in tok.encode_batch(list(SPATIAL_WORDS)) for t in row} - ignore
+  return DetectorWords(single(names["class_names"]), single(names["attribute_names"]),
+                       tuple(sorted(spatial)))
+
+
+def pretrain_objective(obj_cfg: ml_collections.ConfigDict, ids,
+                       words: DetectorWords = DetectorWords()) -> PretrainObjective:
   values = obj_cfg.to_dict()  # keys were checked by validate()
   obj = PretrainObjective(pad_id=ids.pad_id, cls_id=ids.cls_id, sep_id=ids.sep_id,
                           mask_id=ids.mask_id, random_token_range=ids.random_token_range,
-                          vocab_size=ids.vocab_size, **values)
+                          vocab_size=ids.vocab_size, visual_token_ids=words.visual,
+                          object_token_ids=words.objects, attribute_token_ids=words.attributes,
+                          **values)
   obj.validate()
   return obj
 
@@ -150,12 +207,16 @@ def describe_finished_stage(config: ml_collections.ConfigDict, name: str, workdi
                runconfig.CONFIG_FILE)
 
 
-def objective_for(kind: str, obj_cfg: ml_collections.ConfigDict, ids):
-  """The stage's static objective: PretrainObjective or RetrievalObjective."""
+def objective_for(kind: str, obj_cfg: ml_collections.ConfigDict, ids,
+                  words: DetectorWords = DetectorWords()):
+  """The stage's static objective: PretrainObjective or RetrievalObjective (`words`: the
+  detector's words, for visual-word masking and foils)."""
   if kind == "pretrain":
-    return pretrain_objective(obj_cfg, ids)
+    return pretrain_objective(obj_cfg, ids, words)
   values = obj_cfg.to_dict()  # keys were checked by validate()
-  obj = RetrievalObjective(pad_id=ids.pad_id, cls_id=ids.cls_id, sep_id=ids.sep_id, **values)
+  obj = RetrievalObjective(pad_id=ids.pad_id, cls_id=ids.cls_id, sep_id=ids.sep_id,
+                           object_token_ids=words.objects, attribute_token_ids=words.attributes,
+                           **values)
   obj.validate()
   return obj
 
@@ -371,7 +432,10 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
   ids = special_ids(vocab)
   model_cfg = model_config(config, ids.vocab_size)
   describe_stage(config, name, workdir, model_cfg, vocab, data_dir)
-  obj = objective_for(kind, stage.objective, ids)
+  wants_words = any(stage.objective.get(k) for k in ("mlm_visual_share", "itm_foil_share",
+                                                      "foil_share"))
+  obj = objective_for(kind, stage.objective, ids,
+                      detector_words(data_dir, vocab) if wants_words else DetectorWords())
   labelled = [records.read_info(d)["options"].get("has_object_labels", True)
               for d in pipeline.data_dirs(data_dir)]
   if kind == "pretrain" and obj.moc_weight and not any(labelled):
@@ -594,6 +658,8 @@ def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -
   result = two_stage.evaluate_split(params, split, graphdef, mesh, rules, out_dir, ids=ids,
                                     ecfg=ecfg)
   scores, metrics, by_protocol = result.scores, result.metrics, result.by_protocol
+  binding_table = evaluate_binding(stage, data_dir, vocab, config.text.lowercase, params, graphdef,
+                                   mesh, rules, split, ids, model_cfg, result)
   seconds = time.time() - started
   spread = eval_lib.score_spread(scores)
   if spread["scores_near_constant"]:
@@ -617,10 +683,46 @@ def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -
           + eval_lib.format_metrics({**_table_rows(name, by_protocol),
                                      **_table_rows(f"{name} itc", result.itc_by_protocol)})
           + f"\n(cross-encoder on {result.extra['pairs_scored']:,} of "
-          f"{result.extra['all_pairs']:,} pairs; rows 'itc': the embeddings alone)", flush=True)
+          f"{result.extra['all_pairs']:,} pairs; rows 'itc': the embeddings alone)"
+          + (f"\n{binding_table}" if binding_table else ""), flush=True)
   summary = {"kind": "evaluate", "metrics": metrics, "by_protocol": by_protocol, **extra}
   mark_done(workdir, name, summary)
   return summary
+
+
+def binding_file(stage: ml_collections.ConfigDict, data_dir: str) -> str:
+  """The binding tests an evaluation stage scores: `eval.binding_file`, or with 'auto' the
+  dataset's `binding_<split>.jsonl` when it has one ('' for none)."""
+  chosen = stage.eval.get("binding_file", "auto")
+  if chosen != "auto":
+    return chosen
+  path = paths.join(data_dir, f"binding_{stage.data.eval_split}.jsonl")
+  return path if paths.exists(path) else ""
+
+
+def evaluate_binding(stage, data_dir, vocab, lowercase, params, graphdef, mesh, rules, split,
+                     ids, model_cfg, result) -> str:
+  """Scores the stage's binding tests (imagebert_jax.binding), adds their shares to
+  `result.metrics` and returns their table ('' without tests)."""
+  path = binding_file(stage, data_dir)
+  if not path:
+    return ""
+  from imagebert_jax import binding
+  from imagebert_jax.data.tokenizer import Tokenizer
+  tests = binding.read_tests(path, split.image_ids)
+  if not len(tests):
+    logging.warning("%s: no binding test names an image of this split", path)
+    return ""
+  tokenizer = Tokenizer(vocab, model_cfg.max_text_len, lowercase)
+  cross, text_embed = binding.split_scorers(params, graphdef, mesh, rules, split,
+                                            pad_id=ids.pad_id, cls_sep=(ids.cls_id, ids.sep_id))
+  by_scorer = binding.evaluate(tests, cross_scores=cross, text_embed=text_embed,
+                               image_embeddings=result.image_embeddings,
+                               tokenize=tokenizer.encode_padded,
+                               cosine_weight=result.extra["itc_weight_per_cosine"])
+  result.metrics.update(binding.flat_metrics(by_scorer, tests.skipped))
+  result.extra["binding_file"] = path
+  return binding.format_table(by_scorer)
 
 
 def _table_rows(name: str, by_protocol: dict[str, dict]) -> dict[str, dict]:

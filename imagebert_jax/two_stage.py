@@ -253,6 +253,7 @@ def score_pairs(params: Any, split: eval_lib.Split, pairs: np.ndarray, graphdef:
 class Result:
   scores: np.ndarray        # [N, C] the cross-encoder's logits; NaN where it scored nothing
   itc_scores: np.ndarray    # [N, C] the embeddings' dot products
+  image_embeddings: np.ndarray  # [N, E] normalised
   metrics: dict[str, float]  # the final ranking's, then `itc/...`: the first stage's, and
   #                            `cross_encoder/...` (its logit alone) when the ranking adds the
   #                            contrastive logit (ModelConfig.retrieval_itc_weight)
@@ -318,7 +319,8 @@ def evaluate_split(params: Any, split: eval_lib.Split, graphdef: Any, mesh, rule
            "seconds_metrics": round(t3 - t2, 2)}
   logging.info("First stage %.1fs; cross-encoder on %s of %s pairs %.1fs", t1 - t0,
                f"{scored:,}", f"{n_img * n_cap:,}", t2 - t1)
-  return Result(scores, first.astype(np.float32), metrics, by_protocol, itc_by_protocol, extra)
+  return Result(scores, first.astype(np.float32), img_emb, metrics, by_protocol, itc_by_protocol,
+                extra)
 
 
 def write_itc_scores(out_dir: str, itc_scores: np.ndarray) -> None:

@@ -219,16 +219,19 @@ def test_every_shipped_config_passes_its_check_with_its_documented_command(
 
 
 def test_demo_variants_pass_their_check(tmp_path):
-  """`demo.py:smoke` (the tests' demo) and `demo.py:minilm` (fine-tuning from the MiniLM
-  checkpoint the test install ships)."""
+  """`demo.py:smoke` (the tests' demo), `demo.py:minilm` (fine-tuning from the MiniLM
+  checkpoint the test install ships) and `demo.py:rerank`."""
   from conftest import load_config
   from imagebert_jax import validate
-  for arg in ("smoke", "minilm"):
+  for arg in ("smoke", "minilm", "rerank"):
     config = load_config("demo", arg)
     validate.validate(config, str(tmp_path / arg))
   config = load_config("demo", "minilm")
   assert config.run == "finetune,finetuned" and config.stages.finetune.init.bert
   assert os.path.isfile(config.text.vocab_file)
+  config = load_config("demo", "rerank")
+  assert config.model.itm_pool == "align"
+  assert config.stages.pretrain.objective.itm_negatives == "hard"
   with pytest.raises(ValueError, match=r"configs/demo.py:large"):
     load_config("demo", "large")
 

@@ -150,3 +150,74 @@ def test_feature_statistics_of_a_built_split(synthetic_dir):
              "region_feature_scale": jnp.full_like(mean, 2.0)}
   kept = train.with_feature_statistics("t", trained, cfg, synthetic_dir, "train")
   assert float(kept["region_feature_mean"][0]) == 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# Spatial phrases, binding tests, web captions.
+# ------------------------------------------------------------------------------------------------
+def test_spatial_phrase_reads_the_boxes():
+  left, right = (0.05, 0.3, 0.35, 0.8), (0.6, 0.3, 0.9, 0.8)  # centres 0.2 and 0.75
+  top, bottom = (0.3, 0.0, 0.6, 0.3), (0.35, 0.5, 0.65, 0.9)  # centres y 0.15 and 0.7
+  assert realistic.spatial_phrase(left, right) == "to the left of"
+  assert realistic.spatial_phrase(right, left) == "to the right of"
+  assert realistic.spatial_phrase(top, bottom) == "above"
+  assert realistic.spatial_phrase(bottom, top) == "below"
+  # Centres 0.1 apart (less than SPATIAL_MIN_OFFSET): the boxes do not show it clearly.
+  assert realistic.spatial_phrase((0.2, 0.2, 0.6, 0.6), (0.3, 0.25, 0.7, 0.65)) is None
+
+
+class _Fixed:
+  """A stand-in generator whose draws are given: integers() returns 0 and uniform() 0.9."""
+
+  def integers(self, n):
+    return 0
+
+  def uniform(self):
+    return 0.9
+
+
+def test_binding_items_hand_worked():
+  car = realistic.Thing("car", "red", None, (0.05, 0.3, 0.35, 0.8))      # on the left
+  bus = realistic.Thing("bus", "white", None, (0.6, 0.3, 0.9, 0.8))      # on the right
+  scene = realistic.Scene(setting=1, things=[car, bus], relation=(0, "next to", 1), count=1)
+  items = realistic.binding_items(scene, _Fixed())
+  assert items == [
+      {"kind": "attribute", "true_caption": "a red car next to a white bus",
+       "false_caption": "a white car next to a red bus"},
+      {"kind": "relation", "true_caption": "a car to the left of a bus",
+       "false_caption": "a bus to the left of a car"}]
+  # Attributes of different kinds (a person's age, a vehicle's colour) are not swapped: "an old
+  # car" beside "a red man" would give the foil away; two things of one name are not swapped.
+  man = realistic.Thing("man", "old", "red shirt", (0.05, 0.3, 0.35, 0.8))
+  assert [i["kind"] for i in realistic.binding_items(
+      realistic.Scene(1, [man, bus], (0, "standing next to", 1), 1), _Fixed())] == ["relation"]
+  other_car = realistic.Thing("car", "white", None, (0.6, 0.3, 0.9, 0.8))
+  assert realistic.binding_items(realistic.Scene(1, [car, other_car], None, 1), _Fixed()) == []
+  # Two dogs ("count" 2) have no one place: no relation test with them.
+  dog = realistic.Thing("dog", "brown", None, (0.05, 0.3, 0.35, 0.8))
+  assert realistic.binding_items(realistic.Scene(2, [dog, bus], None, 2), _Fixed()) == []
+
+
+def test_binding_files_and_web_set(tmp_path):
+  spec = realistic.RealisticSpec(seed=2, feature_dim=32)
+  paths = realistic.generate(str(tmp_path), {"train": 4, "test": 60}, spec, web_images=30)
+  assert "binding_train" not in paths
+  rows = [json.loads(line) for line in open(paths["binding_test"])]
+  with open(paths["captions"]) as f:
+    test_ids = {os.path.splitext(i["filename"])[0] for i in json.load(f)["images"]
+                if i["split"] == "test"}
+  assert rows and {r["image_id"] for r in rows} <= test_ids
+  assert {r["kind"] for r in rows} == {"attribute", "relation"}
+  for r in rows:  # the same words, another caption
+    assert sorted(r["true_caption"].split()) == sorted(r["false_caption"].split())
+    assert r["true_caption"] != r["false_caption"]
+  # The web set: Conceptual Captions' layout (caption, URL), image ids the line numbers.
+  lines = open(paths["web_captions"]).read().splitlines()
+  assert len(lines) == 30 and all(len(line.split("\t")) == 2 for line in lines)
+  caps = list(captions_lib.read_cc(paths["web_captions"], "web"))
+  items = [item for _, item in formats.read_regions(
+      formats.expand_paths([paths["web_features"]]), "auto", spec.feature_dim)]
+  assert {c.image_id for c in caps} == {r.image_id for r in items} == {str(i) for i in range(30)}
+  vocab = set(realistic.vocabulary())
+  for c in caps:
+    assert set(c.text.split()) <= vocab, c.text

@@ -252,6 +252,12 @@ def _flags():
                        flag_values=fv)
   flags.DEFINE_enum("image_id_mode", "none", ["none", "trailing_int"],
                     "How ids are matched between regions and captions.", flag_values=fv)
+  flags.DEFINE_string("object_names", "", "The detector's object class names, one class a line "
+                      "in class-id order (bottom-up-attention's objects_vocab.txt; synonyms "
+                      "separated by commas); kept in the dataset's summary, where pretraining "
+                      "finds its visual words.", flag_values=fv)
+  flags.DEFINE_string("attribute_names", "", "The detector's attribute names, likewise "
+                      "(attributes_vocab.txt).", flag_values=fv)
   flags.DEFINE_integer("shard_index", 0, "This machine's shard.", flag_values=fv)
   flags.DEFINE_integer("num_shards", 1, "Shards in all (one per machine).", flag_values=fv)
   flags.DEFINE_bool("finalize_only", False, "Only check the shards and write the metadata.",
@@ -270,8 +276,24 @@ def parse_command(argv: list[str]) -> tuple[BuildSpec, bool]:
       vocab_file=f.vocab_file, max_text_len=f.max_text_len, feature_dim=f.feature_dim,
       min_boxes=f.min_boxes, max_boxes=f.max_boxes, conf_threshold=f.conf_threshold,
       class_probs_dim=f.class_probs_dim, image_id_mode=f.image_id_mode,
-      shard_index=f.shard_index, num_shards=f.num_shards)
+      shard_index=f.shard_index, num_shards=f.num_shards,
+      extra_info={**({"class_names": read_names(f.object_names)} if f.object_names else {}),
+                  **({"attribute_names": read_names(f.attribute_names)}
+                     if f.attribute_names else {})})
   return spec, f.finalize_only
+
+
+def read_names(path: str) -> list[str]:
+  """The lines of a detector's vocabulary file (objects_vocab.txt, attributes_vocab.txt), one
+  class a line, in class-id order; a missing or empty file is a one-line error naming it."""
+  try:
+    lines = [line.strip() for line in paths.read_text(path).splitlines()]
+  except OSError as e:
+    raise ValueError(f"{path}: cannot read the detector's names ({e})") from None
+  names = [line for line in lines if line]
+  if not names:
+    raise ValueError(f"{path}: no names in it (want one class a line)")
+  return names
 
 
 def run_command(argv: list[str]) -> dict:

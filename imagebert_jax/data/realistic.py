@@ -302,6 +302,41 @@ def _verb(rng: np.random.Generator, thing: Thing) -> str:
   return str(rng.choice(choices.get(cat, ("",))))
 
 
+# Where one thing is relative to another, as the boxes show it (image coordinates, y downwards):
+# the phrase for box a against box b when their centres are clearly apart along one axis.
+SPATIAL_PHRASES = ("to the left of", "to the right of", "above", "below")
+SPATIAL_MIN_OFFSET = 0.2  # of the image's width or height, between the boxes' centres
+
+
+def spatial_phrase(a: tuple[float, ...], b: tuple[float, ...]) -> str | None:
+  """"to the left of", "to the right of", "above" or "below" for box a (x1, y1, x2, y2,
+  normalised) against box b, along the axis where their centres are further apart, when that
+  offset is at least SPATIAL_MIN_OFFSET; None when the boxes do not show it clearly."""
+  dx = (a[0] + a[2]) / 2 - (b[0] + b[2]) / 2
+  dy = (a[1] + a[3]) / 2 - (b[1] + b[3]) / 2
+  if abs(dx) >= abs(dy):
+    if abs(dx) >= SPATIAL_MIN_OFFSET:
+      return "to the left of" if dx < 0 else "to the right of"
+  elif abs(dy) >= SPATIAL_MIN_OFFSET:
+    return "above" if dy < 0 else "below"
+  return None
+
+
+def _thing_box(scene: Scene, index: int) -> tuple[float, ...] | None:
+  """The box of a thing when it is one instance ("two dogs" have two boxes: no one place)."""
+  return None if (index == 0 and scene.count > 1) else scene.things[index].box
+
+
+def _where(scene: Scene, a: int, b: int) -> str | None:
+  box_a, box_b = _thing_box(scene, a), _thing_box(scene, b)
+  return spatial_phrase(box_a, box_b) if box_a and box_b else None
+
+
+# How often an annotator says where things are rather than what they do (Flickr30k's captions
+# use "left", "right", "above" and "below" now and then).
+SPATIAL_SHARE = 0.25
+
+
 def describe(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
   """`n` captions, as different annotators would write them."""
   setting_phrases = SETTINGS[scene.setting][1]
@@ -313,19 +348,126 @@ def describe(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
     parts = [_noun_phrase(rng, subject, scene.count)]
     if scene.relation is not None and rng.uniform() < 0.8:
       _, verb, obj = scene.relation
-      parts.append(verb)
+      where = _where(scene, 0, obj)
+      parts.append(where if where and rng.uniform() < SPATIAL_SHARE else verb)
       parts.append(_noun_phrase(rng, scene.things[obj]))
     else:
       parts.append(_verb(rng, subject))
     if len(scene.things) > 2 and rng.uniform() < 0.5:
-      parts.append(str(rng.choice(("and", "with", "near"))))
-      parts.append(_noun_phrase(rng, scene.things[2]))
+      where = _where(scene, 2, 0)
+      if where and rng.uniform() < SPATIAL_SHARE:
+        parts += ["and", _noun_phrase(rng, scene.things[2]), where, "it"]
+      else:
+        parts.append(str(rng.choice(("and", "with", "near"))))
+        parts.append(_noun_phrase(rng, scene.things[2]))
     if rng.uniform() < 0.65:
       parts.append(str(rng.choice(setting_phrases)))
     text = opener + " ".join(p for p in parts if p)
     if opener == "there is " and scene.count > 1:
       text = "there are " + text[len("there is "):]
     out.append(text + (" ." if rng.uniform() < 0.3 else ""))
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Web captions: alt-text as Conceptual Captions and SBU have it.
+# ------------------------------------------------------------------------------------------------
+# Words a web caption wraps around what it shows (alt-text, photo titles, user captions).
+WEB_BEFORE = ("stock photo of", "photo of", "image of", "close up of", "view of", "my", "our",
+              "cute", "beautiful", "funny", "happy", "portrait of", "picture of")
+WEB_AFTER = ("stock photo", "on a sunny day", "in summer", "in winter", "on vacation", "today",
+             "at sunset", "in the morning", "last weekend", "with friends", "for sale",
+             "free image", "wallpaper", "in 2014", "in 2016", "via flickr", "#travel",
+             "#nature", "#love")
+# The hypernyms alt-text uses for what a curated caption names (Conceptual Captions replaces
+# names by hypernyms: "actor", "person").
+HYPERNYMS = {"person": "person", "animal": "animal", "vehicle": "vehicle",
+             "furniture": "furniture", "object": "object", "food": "food"}
+# A web caption that is about another picture altogether (a share of alt-text is).
+WEB_MISMATCH_SHARE = 0.1
+
+
+def describe_web(scene: Scene, rng: np.random.Generator) -> str:
+  """One web caption: partial (mostly the main thing, attributes and relations less often than
+  annotators give them, hypernyms), wrapped in words about anything but the picture, and in
+  WEB_MISMATCH_SHARE of the images about another scene altogether."""
+  if rng.uniform() < WEB_MISMATCH_SHARE:
+    scene = random_scene(rng)
+  subject = scene.things[0]
+  info = THING_INFO[subject.cls]
+  if scene.count == 1 and rng.uniform() < 0.25:
+    phrase = f"{'an' if info[1][0] in 'aeiou' else 'a'} {HYPERNYMS[info[1]]}"
+  else:
+    phrase = _noun_phrase(rng, subject, scene.count, attr_prob=0.3)
+  parts = [phrase]
+  if scene.relation is not None and rng.uniform() < 0.35:
+    _, verb, obj = scene.relation
+    where = _where(scene, 0, obj)
+    parts += [where if where and rng.uniform() < 0.1 else verb,
+              _noun_phrase(rng, scene.things[obj], attr_prob=0.3)]
+  elif rng.uniform() < 0.4:
+    parts.append(_verb(rng, subject))
+  if rng.uniform() < 0.5:
+    parts.append(str(rng.choice(SETTINGS[scene.setting][1])))
+  if rng.uniform() < 0.4:
+    before = str(rng.choice(WEB_BEFORE))
+    if not before.endswith(" of"):  # "my dog", "cute dog": no article after it
+      parts[0] = parts[0].split(" ", 1)[1] if parts[0].split(" ", 1)[0] in ("a", "an") else \
+          parts[0]
+    parts.insert(0, before)
+  if rng.uniform() < 0.4:
+    parts.append(str(rng.choice(WEB_AFTER)))
+  return " ".join(p for p in parts if p)
+
+
+# ------------------------------------------------------------------------------------------------
+# Binding tests: captions a bag of words cannot tell from their foil, and the regions can.
+# ------------------------------------------------------------------------------------------------
+def _article(phrase: str) -> str:
+  return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
+
+
+def binding_items(scene: Scene, rng: np.random.Generator) -> list[dict]:
+  """At most one test of each kind for a scene, each a true caption and a foil of the same words
+  (in the manner of Winoground and ARO's VG-Attribution / VG-Relation):
+
+    attribute  two things whose attributes are of one kind (two colours, two ages, ...) and
+               differ, their attributes swapped: "a red car and a white bus" / "a white car and a
+               red bus". The two things have different names, and the words are joined by the
+               scene's relation when it holds between them in that order, else by "and".
+    relation   two things of different names whose boxes show where one is against the other
+               (spatial_phrase), the things swapped: "a dog to the left of a car" / "a car to
+               the left of a dog". Only spatial phrases: both orders are plausible, so only the
+               boxes decide.
+  Returns [{"kind", "true_caption", "false_caption"}].
+  """
+  things = scene.things
+  n = len(things)
+  nouns = [THING_INFO[t.cls][2][0] for t in things]
+  out = []
+  pairs = [(i, j) for i in range(n) for j in range(n) if i < j and nouns[i] != nouns[j]
+           and not (scene.count > 1 and 0 in (i, j))]
+  attribute = [(i, j) for i, j in pairs
+               if things[i].attr and things[j].attr and things[i].attr != things[j].attr
+               and THING_INFO[things[i].cls][4] == THING_INFO[things[j].cls][4]]
+  if attribute:
+    i, j = attribute[int(rng.integers(len(attribute)))]
+    link = "and"
+    if scene.relation is not None and scene.relation[0] == i and scene.relation[2] == j:
+      link = scene.relation[1]
+    a, b = things[i].attr, things[j].attr
+    true = f"{_article(f'{a} {nouns[i]}')} {link} {_article(f'{b} {nouns[j]}')}"
+    false = f"{_article(f'{b} {nouns[i]}')} {link} {_article(f'{a} {nouns[j]}')}"
+    out.append({"kind": "attribute", "true_caption": true, "false_caption": false})
+  relation = [(i, j, _where(scene, i, j)) for i, j in pairs]
+  relation = [r for r in relation if r[2]]
+  if relation:
+    i, j, where = relation[int(rng.integers(len(relation)))]
+    if rng.uniform() < 0.5:  # either thing may come first
+      i, j, where = j, i, _where(scene, j, i)
+    out.append({"kind": "relation",
+                "true_caption": f"{_article(nouns[i])} {where} {_article(nouns[j])}",
+                "false_caption": f"{_article(nouns[j])} {where} {_article(nouns[i])}"})
   return out
 
 
@@ -344,7 +486,9 @@ def vocabulary() -> list[str]:
   words.update(("a", "an", "the", "of", "photo", "picture", "there", "is", "are", "in", "and",
                 "with", "near", "two", "three", "some", "standing", "smiling", "posing",
                 "walking", "looking", "around", "at", "camera", "sitting", "resting", "parked",
-                "driving", "waiting", "lying", ".", "served"))
+                "driving", "waiting", "lying", ".", "served", "it"))
+  for phrase in SPATIAL_PHRASES + WEB_BEFORE + WEB_AFTER + tuple(HYPERNYMS.values()):
+    words.update(phrase.split())
   for name in class_names():
     words.update(name.split())
   return sorted(words)
@@ -534,55 +678,74 @@ def write_vocab_file(path: str) -> None:
   write_vocab(path, vocabulary())
 
 
-def generate(out_dir: str, splits: dict[str, int], spec: RealisticSpec = RealisticSpec(),
-             images_per_file: int = 250) -> dict[str, str]:
-  """Writes `features/*.tsv`, `dataset_scenes.json` and `vocab.txt` to `out_dir`.
+WEB_SEED_INDEX = 1000  # the web images' seed stream, apart from every curated split's
 
-  Deterministic for a spec. Returns the paths ({"features", "captions", "vocab"}). Does nothing
-  when a finished generation with the same settings is there.
+
+def generate(out_dir: str, splits: dict[str, int], spec: RealisticSpec = RealisticSpec(),
+             images_per_file: int = 250, web_images: int = 0) -> dict[str, str]:
+  """Writes the curated splits, `features/*.tsv` and `dataset_scenes.json` (a Karpathy split
+  file, `spec.captions_per_image` annotator captions per image), `vocab.txt`, and for each split
+  but 'train' its binding tests, `binding_<split>.jsonl` (one JSON object per line: image_id,
+  kind, true_caption, false_caption; `binding_items`). With `web_images`, also a web set of other
+  images of the same world, as Conceptual Captions is distributed: `web/captions.tsv` (one alt-text
+  caption and a URL per line, the image id being the line's index) and `web/features/*.tsv`.
+
+  Deterministic for a spec; each split draws its scenes from its own seed, so a split's images do
+  not depend on the other splits' sizes. Returns the paths ({"features", "captions", "vocab",
+  "binding_<split>"..., and "web_features", "web_captions" with a web set}). Does nothing when a
+  finished generation with the same settings is there.
   """
   paths = {"features": os.path.join(out_dir, "features"),
            "captions": os.path.join(out_dir, "dataset_scenes.json"),
            "vocab": os.path.join(out_dir, "vocab.txt")}
+  for split in splits:
+    if split != "train":
+      paths[f"binding_{split}"] = os.path.join(out_dir, f"binding_{split}.jsonl")
+  if web_images:
+    paths["web_features"] = os.path.join(out_dir, "web", "features")
+    paths["web_captions"] = os.path.join(out_dir, "web", "captions.tsv")
   marker = os.path.join(out_dir, "GENERATED.json")
   wanted = {"spec": dataclasses.asdict(spec), "splits": dict(splits),
-            "images_per_file": images_per_file}
+            "images_per_file": images_per_file, "web_images": web_images, "version": 2}
   if os.path.exists(marker):
     with open(marker) as f:
       if json.load(f) == wanted:
         logging.info("Realistic scenes already generated in %s", out_dir)
         return paths
-  os.makedirs(paths["features"], exist_ok=True)
-  for old in os.listdir(paths["features"]):
-    os.remove(os.path.join(paths["features"], old))
+    os.remove(marker)
   detector = Detector(spec)
   images = []
   next_id = 1_000_000 + 7 * spec.seed
-  file_index, in_file, out = 0, 0, None
-  try:
+  with _TsvFiles(paths["features"], "scenes", images_per_file) as tsv:
     for s_index, (split, count) in enumerate(splits.items()):
-      rng = np.random.default_rng([spec.seed, s_index, 31])
-      for i in range(count):
-        if out is None or in_file == images_per_file:
-          if out is not None:
-            out.close()
-          out = open(os.path.join(paths["features"], f"scenes_{file_index:03d}.tsv"), "w")
-          file_index, in_file = file_index + 1, 0
+      rng = np.random.default_rng([spec.seed, s_index, 31])          # scenes and regions
+      caption_rng = np.random.default_rng([spec.seed, s_index, 37])  # what annotators write
+      binding_rng = np.random.default_rng([spec.seed, s_index, 41])
+      binding = []
+      for _ in range(count):
         scene = random_scene(rng)
-        width, height = (500, int(rng.choice([333, 375, 400]))) if rng.uniform() < 0.6 else \
-            (int(rng.choice([333, 375, 400])), 500)
+        width, height = _image_size(rng)
         image_id = str(next_id)
         next_id += 1 + int(rng.integers(50))
-        out.write(tsv_line(image_id, width, height, detector.detect(scene, rng)) + "\n")
-        in_file += 1
-        sentences = describe(scene, rng, spec.captions_per_image)
+        tsv.write(tsv_line(image_id, width, height, detector.detect(scene, rng)))
+        sentences = describe(scene, caption_rng, spec.captions_per_image)
         images.append({"filename": f"{image_id}.jpg", "imgid": len(images), "split": split,
                        "sentences": [{"raw": s, "tokens": s.split()} for s in sentences]})
-  finally:
-    if out is not None:
-      out.close()
+        binding += [{"image_id": image_id, **item} for item in binding_items(scene, binding_rng)]
+      if split != "train":
+        _write_jsonl(paths[f"binding_{split}"], binding)
   with open(paths["captions"], "w") as f:
     json.dump({"images": images, "dataset": "scenes"}, f)
+  if web_images:
+    rng = np.random.default_rng([spec.seed, WEB_SEED_INDEX, 31])
+    caption_rng = np.random.default_rng([spec.seed, WEB_SEED_INDEX, 37])
+    with _TsvFiles(paths["web_features"], "web", images_per_file) as tsv, \
+        open(paths["web_captions"], "w") as captions:
+      for line in range(web_images):
+        scene = random_scene(rng)
+        width, height = _image_size(rng)
+        tsv.write(tsv_line(str(line), width, height, detector.detect(scene, rng)))
+        captions.write(f"{describe_web(scene, caption_rng)}\thttps://images.invalid/{line}.jpg\n")
   write_vocab_file(paths["vocab"])
   with open(paths["captions"] + ".classes.json", "w") as f:
     json.dump({"classes": detector.classes, "attributes": detector.attributes}, f)
@@ -591,27 +754,84 @@ def generate(out_dir: str, splits: dict[str, int], spec: RealisticSpec = Realist
   return paths
 
 
+def _image_size(rng: np.random.Generator) -> tuple[int, int]:
+  """(width, height) of a Flickr-sized photo, landscape more often than portrait."""
+  if rng.uniform() < 0.6:
+    return 500, int(rng.choice([333, 375, 400]))
+  return int(rng.choice([333, 375, 400])), 500
+
+
+class _TsvFiles:
+  """TSV lines into `<folder>/<prefix>_000.tsv`, `_001`, ... of `per_file` lines each (the folder
+  emptied first)."""
+
+  def __init__(self, folder: str, prefix: str, per_file: int):
+    self.folder, self.prefix, self.per_file = folder, prefix, per_file
+    self.index, self.in_file, self.out = 0, 0, None
+
+  def __enter__(self):
+    os.makedirs(self.folder, exist_ok=True)
+    for old in os.listdir(self.folder):
+      os.remove(os.path.join(self.folder, old))
+    return self
+
+  def write(self, line: str) -> None:
+    if self.out is None or self.in_file == self.per_file:
+      if self.out is not None:
+        self.out.close()
+      self.out = open(os.path.join(self.folder, f"{self.prefix}_{self.index:03d}.tsv"), "w")
+      self.index, self.in_file = self.index + 1, 0
+    self.out.write(line + "\n")
+    self.in_file += 1
+
+  def __exit__(self, *exc):
+    if self.out is not None:
+      self.out.close()
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+  with open(path, "w") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+
+
 def build(data_dir: str, source_dir: str, splits: dict[str, int], spec: RealisticSpec,
           *, max_text_len: int, max_boxes: int = 100, vocab_file: str = "",
-          name: str = "scenes") -> str:
-  """Generates the source files and builds them into a dataset with the regular builder, exactly
-  as `python -m imagebert_jax.data.build` does. Returns the vocabulary file the dataset uses."""
+          name: str = "scenes", web_images: int = 0, web: bool = False) -> str:
+  """Generates the source files (`generate`) and builds them into a dataset with the regular
+  builder, exactly as `python -m imagebert_jax.data.build` does: the curated splits (a Karpathy
+  split file; the binding tests of each evaluation split are copied beside the records as
+  `binding_<split>.jsonl`, where the evaluation finds them), or with `web` the web set (the
+  Conceptual Captions format, one split named 'web'). Returns the vocabulary file the dataset
+  uses. Nothing is done when that build is there already."""
   from imagebert_jax.data import build as build_lib, records
-  paths = generate(source_dir, splits, spec)
+  paths = generate(source_dir, splits, spec, web_images=web_images)
   vocab = vocab_file or paths["vocab"]
   wanted = {"source": source_dir, "vocab": vocab, "max_text_len": max_text_len,
-            "max_boxes": max_boxes, "generated": dataclasses.asdict(spec), "splits": splits}
+            "max_boxes": max_boxes, "generated": dataclasses.asdict(spec), "splits": splits,
+            "web_images": web_images, "web": web}
   try:
     if records.read_info(data_dir).get("realistic") == json.loads(json.dumps(wanted)):
       logging.info("Realistic dataset already built in %s", data_dir)
       return vocab
   except FileNotFoundError:
     pass
+  if web and not web_images:
+    raise ValueError("a web set needs web_images > 0")
+  source = dict(regions=[paths["web_features"]], captions=[paths["web_captions"]],
+                caption_source="cc", split="web") if web else \
+      dict(regions=[paths["features"]], captions=[paths["captions"]], caption_source="karpathy")
   build_lib.build_dataset(build_lib.BuildSpec(
-      name=name, out_dir=data_dir, regions=[paths["features"]], captions=[paths["captions"]],
-      caption_source="karpathy", vocab_file=vocab, max_text_len=max_text_len,
+      name=name, out_dir=data_dir, vocab_file=vocab, max_text_len=max_text_len,
       feature_dim=spec.feature_dim, min_boxes=spec.min_regions, max_boxes=max_boxes,
-      log_every=0, extra_info={"realistic": wanted, "class_names": class_names()}))
+      log_every=0, extra_info={"realistic": wanted, "class_names": class_names(),
+                               "attribute_names": attribute_names()}, **source))
+  if not web:
+    from imagebert_jax import paths as paths_lib
+    for key, path in paths.items():
+      if key.startswith("binding_"):
+        with open(path, "rb") as f:
+          paths_lib.write_bytes(paths_lib.join(data_dir, os.path.basename(path)), f.read())
   return vocab
 
 
@@ -633,13 +853,15 @@ def main(argv: Iterable[str] | None = None) -> None:
   flags.DEFINE_integer("seed", 0, "Seed of the world (classes, features) and of the scenes.")
   flags.DEFINE_integer("feature_dim", 2048, "Region feature dimension.")
   flags.DEFINE_integer("max_regions", 100, "Most regions per image.")
+  flags.DEFINE_integer("web_images", 0, "Images of a web set beside the splits (web/: alt-text "
+                       "captions in the Conceptual Captions format).")
   flags.mark_flags_as_required(["out_dir"])
   f = flags.FLAGS
 
   def run(_):
     paths = generate(f.out_dir, parse_splits(f.images),
                      RealisticSpec(seed=f.seed, feature_dim=f.feature_dim,
-                                   max_regions=f.max_regions))
+                                   max_regions=f.max_regions), web_images=f.web_images)
     print(json.dumps(paths, indent=1))
 
   app.run(run, argv=argv)

@@ -78,6 +78,13 @@ class Tokenizer:
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(list(texts))]
 
+  def encode_padded(self, texts: Sequence[str]) -> np.ndarray:
+    """[N, max_len] ids: [CLS] words [SEP], truncated, padded with the pad id."""
+    out = np.full((len(texts), self.max_len), self.ids.pad_id, np.int32)
+    for i, tokens in enumerate(self.encode_batch(texts)):
+      out[i, :len(tokens)] = tokens
+    return out
+
   def decode(self, ids: Sequence[int]) -> str:
     return self._tok.decode(list(int(i) for i in ids))
 
