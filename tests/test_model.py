@@ -10,6 +10,7 @@ from scipy.special import erf
 from helpers import PAD, TINY, random_batch
 from imagebert_jax.model import ImageBert
 from imagebert_jax.model.encoder import attention_core
+from imagebert_jax.model.layers import dropout
 
 
 def np_layer_norm(x, scale, bias, eps):
@@ -169,6 +170,32 @@ def test_explicit_attention_path_equals_fused_path():
   explicit = attention_core(q, k, v, mask=mask, kv_lengths=None, impl="xla",
                             dropout_rate=1e-12, dropout_key=jax.random.key(0))
   np.testing.assert_allclose(fused, explicit, atol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_dropout_drops_its_rate_and_keeps_the_mean(rate):
+  """Hidden dropout on a million ones, and attention dropout seen through the attention output:
+  with q = k = 0 every query spreads 1/L over its L keys, and with v the identity the output row
+  is the (dropped) probability row itself."""
+  x = jnp.ones((1024, 1024), jnp.float32)
+  y = np.asarray(dropout(x, rate, jax.random.key(0)))
+  dropped = np.mean(y == 0)
+  assert abs(dropped - rate) < 0.002  # binomial sd: sqrt(0.09 / 1M) = 0.0003 at 0.1
+  assert abs(y.mean() - 1.0) < 0.003
+  assert np.allclose(y[y != 0], 1 / (1 - round(rate * 65536) / 65536))
+  b, length, heads = 64, 32, 4
+  q = jnp.zeros((b, length, heads, length))
+  v = jnp.broadcast_to(jnp.eye(length)[None, :, None, :], (b, length, heads, length))
+  out = np.asarray(attention_core(q, q, v, mask=None, kv_lengths=None, impl="xla",
+                                  dropout_rate=rate, dropout_key=jax.random.key(1)))
+  assert abs(np.mean(out == 0) - rate) < 0.01  # 262,144 probabilities
+  np.testing.assert_allclose(out[out != 0], 1 / length / (1 - round(rate * 65536) / 65536),
+                             rtol=1e-5)
+  # Nothing to draw (the regions of a text-only pass): an empty result, not an error.
+  assert dropout(jnp.ones((2, 0, 8)), rate, jax.random.key(2)).shape == (2, 0, 8)
+  # Another key draws another mask (each step's key is folded from its step number).
+  other = np.asarray(dropout(x, rate, jax.random.key(1)))
+  assert np.mean((y == 0) != (other == 0)) > rate
 
 
 def test_dropout_is_keyed_and_off_in_evaluation():

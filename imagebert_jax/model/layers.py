@@ -84,11 +84,33 @@ class Embed(nnx.Module):
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  """Inverted dropout; the identity when `key` is None (evaluation) or the rate is 0."""
+  """Inverted dropout; the identity when `key` is None (evaluation) or the rate is 0.
+
+  Each element draws 16 random bits and is dropped when they fall below round(rate x 2^16): the
+  rate exact to 2^-16 (0.1 drops 6,554 / 65,536 = 0.10001), for half the random bits of a
+  float32 uniform (`jax.random.bernoulli`), which matters where dropout acts on the attention
+  probabilities (B x heads x L x L elements per layer; `_bits16`). Kept values are scaled by one
+  over the kept share, so the expectation is unchanged."""
   if key is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
+  threshold = min(round(rate * 65536), 65535)
+  if threshold == 0:
+    return x
+  keep = _bits16(key, x.shape) >= jnp.uint16(threshold)
+  scale = 65536.0 / (65536 - threshold)
+  return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros_like(x)).astype(x.dtype)
+
+
+def _bits16(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Uniform 16-bit values of `shape`: each 32-bit word the generator makes gives two (asked for
+  uint16 directly, JAX makes one word per value and drops half of it). The leading dimensions
+  are drawn as they are, so a batch-sharded shape stays sharded."""
+  if not shape or 0 in shape:  # a scalar, or nothing to draw (e.g. an image side of no regions)
+    return jax.random.bits(key, shape, jnp.uint16)
+  last = shape[-1]
+  words = jax.random.bits(key, (*shape[:-1], (last + 1) // 2), jnp.uint32)
+  halves = jax.lax.bitcast_convert_type(words, jnp.uint16)  # [..., ceil(last / 2), 2]
+  return halves.reshape(*shape[:-1], -1)[..., :last]
 
 
 class KeySplitter:
