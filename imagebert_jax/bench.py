@@ -218,15 +218,21 @@ def bench_train(config, batch_size: int, steps: int, warmup: int, stage: str,
         {k: v for k, v in next(it).items() if k in batch_sharding}, mesh, rules)
   else:
     next_batch = lambda i: batches[i % 2]
-  for i in range(warmup):
-    state, metrics = step(state, next_batch(i))
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for i in range(steps):
-    state, metrics = step(state, next_batch(i))
-  jax.block_until_ready((state, metrics))
-  seconds = time.perf_counter() - start
-  compiled = step.jitted.lower(state, batches[0]).compile()
+  # Compiled once, ahead of time, and timed: the steps below run this executable.
+  with jax.set_mesh(mesh), parallel.logical_rules(rules):
+    start = time.perf_counter()
+    lowered = step.jitted.lower(state, batches[0])
+    compile_start = time.perf_counter()
+    compiled = lowered.compile()
+    lower_s, compile_s = compile_start - start, time.perf_counter() - compile_start
+    for i in range(warmup):
+      state, metrics = compiled(state, next_batch(i))
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for i in range(steps):
+      state, metrics = compiled(state, next_batch(i))
+    jax.block_until_ready((state, metrics))
+    seconds = time.perf_counter() - start
   device = jax.devices()[0]
   mem, mem_kind = _memory(device, compiled)
   samples_per_s = batch_size * steps / seconds
@@ -238,7 +244,7 @@ def bench_train(config, batch_size: int, steps: int, warmup: int, stage: str,
   achieved = samples_per_s * flops / 1e12
   extra = {} if ft_obj is None else {"candidates": ft_obj.num_candidates,
                                       "negatives": ft_obj.num_hard}
-  return {**extra,
+  return {**extra, **_run_fields(model_cfg, compiled, lower_s, compile_s),
       "device": f"{device.device_kind} x{jax.device_count()}", "jax": jax.__version__,
       "dtype": model_cfg.dtype, "attention": model_cfg.attention_impl, "remat": model_cfg.remat,
       "batch": batch_size, "positions": model_cfg.seq_len, "step_ms": 1000 * seconds / steps,
@@ -247,6 +253,22 @@ def bench_train(config, batch_size: int, steps: int, warmup: int, stage: str,
       "peak_mem_gib": mem, "mem_kind": mem_kind, "params": n_params,
       "loss": float(metrics["loss"]),
   }
+
+
+def _run_fields(model_cfg: ModelConfig, compiled, lower_s: float, compile_s: float) -> dict:
+  """What a row records of how it ran: ours, with which dropout rates, how long the step took
+  to trace and to compile, and the compiled step's FLOPs as XLA counts them (a CPU-checkable
+  figure beside the formula's)."""
+  flops = None
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost["flops"]) / 1e9 if cost and "flops" in cost else None
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    pass
+  return {"impl": "ours", "hidden_dropout": model_cfg.dropout_rate,
+          "attention_dropout": model_cfg.attention_dropout_rate, "trace_s": round(lower_s, 2),
+          "compile_s": round(compile_s, 2), "xla_gflop_per_step": flops}
 
 
 def bench_score(config, tile: tuple[int, int], steps: int, warmup: int) -> dict[str, Any]:
@@ -271,6 +293,9 @@ def bench_score(config, tile: tuple[int, int], steps: int, warmup: int) -> dict[
   scorer = evaluate.make_scorer(graphdef, mesh, rules, tile_images=ti, tile_captions=tc,
                                 pad_id=obj.pad_id)
   tiles = [(i, j) for i in range(0, n_img, ti) for j in range(0, n_cap, tc)]
+  start = time.perf_counter()
+  jax.block_until_ready(scorer(params, arrays, *tiles[0]))  # compiles
+  first_call_s = time.perf_counter() - start
   for k in range(warmup):
     out = scorer(params, arrays, *tiles[k % len(tiles)])
   jax.block_until_ready(out)
@@ -284,7 +309,9 @@ def bench_score(config, tile: tuple[int, int], steps: int, warmup: int) -> dict[
   peak = peak_tflops(device)
   achieved = pairs_per_s * flops / 1e12
   mem, mem_kind = _memory(device, None)
-  return {"device": f"{device.device_kind} x{jax.device_count()}", "jax": jax.__version__,
+  return {"impl": "ours", "hidden_dropout": 0.0, "attention_dropout": 0.0,  # scoring: eval mode
+          "compile_s": round(first_call_s, 2),  # the first call, compilation included
+          "device": f"{device.device_kind} x{jax.device_count()}", "jax": jax.__version__,
           "dtype": model_cfg.dtype, "batch": ti * tc, "positions": model_cfg.seq_len,
           "step_ms": 1000 * seconds / steps, "pairs_per_s": pairs_per_s,
           "achieved_tflops": achieved, "mfu": achieved / peak if peak else None,
@@ -307,16 +334,42 @@ def format_table(rows: list[dict[str, Any]]) -> str:
   return "\n".join(out)
 
 
-SUMMARY_COLUMNS = (("label", "{}"), ("status", "{}"), ("mode", "{}"), ("dtype", "{}"),
-                   ("batch", "{}"), ("step_ms", "{:.1f}"), ("samples_per_s", "{:,.0f}"),
-                   ("pairs_per_s", "{:,.0f}"), ("images_per_s", "{:.2f}"), ("mfu", "{:.1%}"),
-                   ("peak_mem_gib", "{:.2f}"), ("seconds", "{:.0f}"))
+SUMMARY_COLUMNS = (("label", "{}"), ("status", "{}"), ("impl", "{}"), ("mode", "{}"),
+                   ("dropout", "{}"), ("dtype", "{}"), ("batch", "{}"), ("step_ms", "{:.1f}"),
+                   ("samples_per_s", "{:,.0f}"), ("pairs_per_s", "{:,.0f}"),
+                   ("images_per_s", "{:.2f}"), ("x_peer", "{:.2f}x"), ("mfu", "{:.1%}"),
+                   ("compile_s", "{:.0f}"), ("peak_mem_gib", "{:.2f}"), ("seconds", "{:.0f}"))
+
+
+def _rate(row: dict[str, Any]) -> float | None:
+  return row.get("samples_per_s") or row.get("pairs_per_s")
+
+
+def against_peer(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Each row with `x_peer`: its rate over the PyTorch peer's (impl 'torch-peer') of the same
+  mode, batch and dropout rates, where the peer ran one; the peer's rows get the MFU of ours
+  scaled by that ratio (the same model FLOPs per sample), and every row a `dropout` column
+  (hidden/attention)."""
+  key = lambda r: (r.get("mode"), r.get("batch"), r.get("hidden_dropout"),
+                   r.get("attention_dropout"))
+  out = [dict(r) for r in rows]
+  peers = {key(r): r for r in out if r.get("impl") == "torch-peer" and _rate(r)}
+  for r in out:
+    if "hidden_dropout" in r:
+      r["dropout"] = f"{r['hidden_dropout']:g}/{r['attention_dropout']:g}"
+    peer = peers.get(key(r))
+    if peer is not None and r.get("impl") == "ours" and _rate(r):
+      r["x_peer"] = _rate(r) / _rate(peer)
+      if r.get("mfu") is not None and peer.get("mfu") is None:
+        peer["mfu"] = r["mfu"] / r["x_peer"]
+  return out
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
   """One table of result rows, by label in the order labels first came: a label's figure rows
   (those with a mode) with its status row's fields (a session script's status and seconds), or
   the status row alone when the label has no figures."""
+  rows = against_peer(rows)
   labels = list(dict.fromkeys(r.get("label", "") for r in rows))
   table = []
   for label in labels:

@@ -82,11 +82,28 @@ def test_bench_runs_on_cpu_and_prints_a_table(tmp_path):
       ("tests", None), ("demo", "train"), ("demo", "ft-M3K1"), ("demo", "score")]
   status = {"label": "demo", "status": "ok", "seconds": 20}
   table = bench.summary_table(saved + [status]).splitlines()
-  assert table[0].split()[:3] == ["label", "status", "mode"]
+  assert table[0].split()[:4] == ["label", "status", "impl", "mode"]
   assert table[2].split()[:2] == ["tests", "failed"]
-  assert table[3].split()[:3] == ["demo", "ok", "train"]
-  assert table[5].split()[:3] == ["demo", "ok", "score"]
+  assert table[3].split()[:4] == ["demo", "ok", "ours", "train"]
+  assert table[5].split()[:4] == ["demo", "ok", "ours", "score"]
   assert f"{saved[1]['samples_per_s']:,.0f}" in table[3]
+  # Each row says how it ran: the config's dropout rates (the demo's are 0), the compile time.
+  assert saved[1]["hidden_dropout"] == 0.0 and saved[1]["attention_dropout"] == 0.0
+  assert saved[1]["compile_s"] > 0 and saved[1]["xla_gflop_per_step"] > 0
+
+
+def test_summary_divides_ours_by_the_peer_like_for_like():
+  ours = {"label": "a", "impl": "ours", "mode": "train", "batch": 128, "hidden_dropout": 0.1,
+          "attention_dropout": 0.1, "samples_per_s": 300.0, "mfu": 0.30}
+  peer = {"label": "p", "impl": "torch-peer", "mode": "train", "batch": 128,
+          "hidden_dropout": 0.1, "attention_dropout": 0.1, "samples_per_s": 200.0}
+  other = dict(ours, label="b", attention_dropout=0.0, samples_per_s=500.0)  # not like for like
+  rows = bench.against_peer([peer, ours, other])
+  assert rows[1]["x_peer"] == 1.5 and "x_peer" not in rows[2]
+  assert abs(rows[0]["mfu"] - 0.20) < 1e-12  # the same FLOPs per sample, 200 / 300 the rate
+  assert rows[1]["dropout"] == "0.1/0.1" and rows[2]["dropout"] == "0.1/0"
+  table = bench.summary_table([peer, ours]).splitlines()
+  assert "1.50x" in table[3] and "20.0%" in table[2]
 
 
 @pytest.mark.subprocess

@@ -57,9 +57,33 @@ def test_gpu_tests_skip_without_a_gpu_and_fail_when_one_is_expected():
                           capture_output=True, text=True, timeout=300)
   skipped = run(expect=False)
   assert skipped.returncode == 0, skipped.stdout[-2000:]
-  assert "1 skipped" in skipped.stdout and "failed" not in skipped.stdout
+  assert "2 skipped" in skipped.stdout and "failed" not in skipped.stdout
   failed = run(expect=True)
   assert failed.returncode == 1, failed.stdout[-2000:]
-  assert "1 failed" in failed.stdout
+  assert "2 failed" in failed.stdout
   assert "no GPU visible to JAX (backend 'cpu', JAX_PLATFORMS='cpu'), but " \
          "IMAGEBERT_EXPECT_GPU=1 expects one" in failed.stdout
+
+
+@pytest.mark.gpu
+def test_attention_dropout_on_the_gpu_path_drops_its_rate_and_differs_by_step():
+  """The paper's config (attention dropout 0.1) on the path the GPU runs for it: the share of
+  attention probabilities dropped is the rate, and two steps (two keys, as the train step folds
+  its step number into its key) drop different ones. With q = k = 0 and v the identity the
+  attention output is the dropped probability row itself."""
+  import jax
+  from imagebert_jax.model.encoder import attention_core, resolve_attention_impl
+  cfg = dataclasses.replace(CFG, attention_dropout_rate=0.1)
+  impl = resolve_attention_impl(cfg, attention_dropout=True)
+  b, length, heads = 32, 144, 4
+  q = jnp.zeros((b, length, heads, length), jnp.bfloat16)
+  v = jnp.broadcast_to(jnp.eye(length, dtype=jnp.bfloat16)[None, :, None, :], q.shape)
+  step = jax.jit(lambda key: attention_core(q, q, v, mask=None, kv_lengths=None, impl=impl,
+                                            dropout_rate=0.1, dropout_key=key))
+  base = jax.random.key(0)
+  one = np.asarray(step(jax.random.fold_in(base, 1)), np.float32) == 0
+  again = np.asarray(step(jax.random.fold_in(base, 1)), np.float32) == 0
+  two = np.asarray(step(jax.random.fold_in(base, 2)), np.float32) == 0
+  assert abs(one.mean() - 0.1) < 0.005
+  np.testing.assert_array_equal(one, again)
+  assert (one != two).mean() > 0.15  # independent masks differ on 2 x 0.1 x 0.9 = 18%
