@@ -41,6 +41,23 @@ _PROCESS_ID = flags.DEFINE_integer(
     "process_id", -1, "Several processes: this one's index (overrides JAX_PROCESS_ID and JAX's "
     "cluster detection; -1: not given).")
 
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "imagebert_jax", "jax"),
+    "JAX's persistent compilation cache: a folder where compiled steps are kept, so a resumed or "
+    "repeated run with the same model and shapes starts without compiling them again "
+    "(JAX_COMPILATION_CACHE_DIR, when set, wins; '' turns it off).")
+
+
+def use_compilation_cache(folder: str) -> str:
+  """Points JAX's persistent compilation cache at `folder` unless JAX_COMPILATION_CACHE_DIR is
+  set (then that one is used; empty: none). Returns the folder in use ('' for none). Only
+  executables that took at least a second to compile are kept (JAX's default)."""
+  import jax
+  folder = os.environ.get("JAX_COMPILATION_CACHE_DIR", folder)
+  if folder:
+    jax.config.update("jax_compilation_cache_dir", folder)
+  return folder
+
 
 class _QuietLibraries(logging_lib.Filter):
   """Drops the per-save INFO chatter of Orbax (warnings and errors still show)."""
@@ -56,6 +73,7 @@ def main(argv):
     raise app.UsageError("--config is required (e.g. configs/demo.py of the checkout)")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax
+  cache = use_compilation_cache(_CACHE.value)
   from imagebert_jax import distributed, train
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -65,9 +83,9 @@ def main(argv):
   # TensorFlow only reads data here: keep it off the accelerators.
   from imagebert_jax.data.pipeline import hide_gpus_from_tf
   hide_gpus_from_tf()
-  logging.info("JAX %s on %s: %d devices, process %d of %d", jax.__version__,
-               jax.default_backend(), jax.device_count(), jax.process_index(),
-               jax.process_count())
+  logging.info("JAX %s on %s: %d devices, process %d of %d; compilation cache: %s",
+               jax.__version__, jax.default_backend(), jax.device_count(),
+               jax.process_index(), jax.process_count(), cache or "off")
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except train.Preempted as e:

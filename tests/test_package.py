@@ -105,3 +105,28 @@ def test_the_installed_training_command_runs_and_lists_its_flags(tmp_path):
   for flag in ("--config", "--workdir", "--coordinator_address", "--num_processes",
                "--process_id"):
     assert f"{flag}:" in out.stdout, flag
+
+
+@pytest.mark.subprocess
+def test_runs_keep_compiled_steps_in_the_persistent_cache(tmp_path):
+  """`use_compilation_cache` (the main command's --compilation_cache) points JAX at a folder and
+  a compiled function lands there; JAX_COMPILATION_CACHE_DIR, when set, wins over the flag."""
+  code = (
+      "import sys, jax, jax.numpy as jnp\n"
+      "from imagebert_jax.main import use_compilation_cache\n"
+      "print(use_compilation_cache(sys.argv[1]))\n"
+      "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+      "jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).block_until_ready()\n")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  folder = tmp_path / "cache"
+  out = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={**env, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == str(folder)
+  assert any(folder.iterdir()), "nothing was cached"
+  other = tmp_path / "from_env"
+  out = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120,
+                       env={**env, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(other)})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == str(other) and any(other.iterdir())
