@@ -255,7 +255,16 @@ def make_scorer(graphdef: Any, mesh, rules, *, tile_images: int, tile_captions: 
     n = nreg[img_idx]
     region_mask = jnp.arange(feat.shape[1])[None, :] < n[:, None]
     model = nnx.merge(graphdef, params)
-    logits = model(ids, ids != pad_id, feat[img_idx], loc[img_idx], region_mask)
+    # Each image's regions projected once for the tile, then given to each of its captions'
+    # pairs (the projection is a function of the image alone).
+    projected = model.project_regions(feat[img], loc[img])  # [tile_images, R, H]
+    regions = projected[jnp.repeat(a, tile_captions)]
+    regions = jax.lax.with_sharding_constraint(
+        regions, NamedSharding(mesh, parallel.logical_to_spec(("batch", None, None), rules,
+                                                              mesh=mesh)))
+    text_mask = ids != pad_id
+    text_h, region_h = model.encode(ids, text_mask, None, None, region_mask, regions=regions)
+    logits = model.itm_logit(text_h, region_h, region_mask, text_mask)
     return logits.reshape(tile_images, tile_captions)
 
   # The tile comes back replicated: every process can read it (multi-host evaluation).
