@@ -13,10 +13,10 @@ miniature: the mean over five folds of 100 images (protocol '5x100'), so each fi
 test's binding sets (a caption against its words with two attributes or the two sides of a
 spatial relation swapped, imagebert_jax/binding.py). It runs the real code path: the builder,
 tf.data, global arrays on a device mesh, the jitted steps, Orbax checkpoints, TensorBoard and
-metrics.jsonl; about 14 minutes on a 2-core CPU.
+metrics.jsonl; about 18 minutes on a 2-core CPU.
 
-What it takes for a 4-layer model from scratch to learn matching there (the README's design notes
-have the measurements): region inputs normalised (a LayerNorm on each region's features, and on
+What it takes for a 4-layer model from scratch to learn matching there (docs/design_notes.md
+has the measurements): region inputs normalised (a LayerNorm on each region's features, and on
 each input part before they are added), the image-text contrastive loss, weighted up, in
 pretraining and fine-tuning, and the detector's 16 most confident regions rather than 36 (the
 small, unconfident ones are clutter that a model this small learns to ignore only slowly, and
@@ -129,10 +129,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def rerank(c: ml_collections.ConfigDict) -> None:
-  """`demo.py:rerank`: the cross-encoder trained for what re-ranking asks of it (the README's
-  design notes have the measurements). Pretraining: besides each matched pair, one negative per
-  pair drawn from the batch's contrastive similarities (half of them uniformly: the easy ones
-  matching starts from), and for a share of the captions with two object or two attribute words
+  """`demo.py:rerank`: the cross-encoder trained for what re-ranking asks of it
+  (docs/design_notes.md has the measurements). Pretraining: besides each matched pair, one
+  negative per pair drawn from the batch's contrastive similarities (half of them uniformly: the
+  easy ones matching starts from), and for a share of the captions with two object or two attribute words
   their foil (the two swapped) on their own image; matching scored on unmasked inputs, as
   retrieval scores them. The matching logit adds to [CLS]'s how well each word finds a region of
   the joint pass (`model.itm_pool='align'`). Fine-tuning draws its negatives from the contrastive

@@ -62,7 +62,7 @@ class ModelConfig:
   # 'itc' (the [CLS] logit plus the contrastive scale times the cosine of the joint pass's [CLS]
   # and region maximum through the contrastive heads); 'align' (the [CLS] logit plus the
   # contrastive scale times how well each word of the joint pass finds a region:
-  # `word_region_alignment`). The README's design notes have what each measured.
+  # `word_region_alignment`). docs/design_notes.md has what each measured.
   itm_pool: str = "cls"
   # Retrieval ranks candidates by the cross-encoder's matching logit plus this weight times the
   # contrastive logit (the learned scale times the embeddings' cosine) wherever both are
