@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagebert_jax import config_defaults, optim, parallel, paths, train
+from imagebert_jax import allocator, config_defaults, optim, parallel, paths, train
 from imagebert_jax import state as state_lib
 from imagebert_jax.model import ModelConfig
 from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss
@@ -270,7 +270,8 @@ def _run_fields(model_cfg: ModelConfig, compiled, lower_s: float, compile_s: flo
   except Exception:  # noqa: BLE001 - not every backend reports it
     pass
   return {"impl": "ours", "hidden_dropout": model_cfg.dropout_rate,
-          "attention_dropout": model_cfg.attention_dropout_rate, "trace_s": round(lower_s, 2),
+          "attention_dropout": model_cfg.attention_dropout_rate,
+          "malloc": "tcmalloc" if allocator.loaded() else "system", "trace_s": round(lower_s, 2),
           "compile_s": round(compile_s, 2), "xla_gflop_per_step": flops}
 
 
@@ -448,7 +449,9 @@ def main(argv):
 
 
 def command() -> None:
-  """The console command `imagebert-bench`."""
+  """The console command `imagebert-bench` (started again with tcmalloc where the system has it,
+  as runs are: imagebert_jax/allocator.py)."""
+  allocator.reexec("imagebert_jax.bench")
   app.run(main)
 
 

@@ -17,6 +17,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from imagebert_jax import allocator
+
 
 def _demo_config() -> str | None:
   """configs/demo.py of the checkout the package runs from (an editable install, or none);
@@ -97,8 +99,11 @@ def main(argv):
 
 
 def command() -> None:
-  """The console command `imagebert-train`. absl's --help lists the flags of the program it
-  runs as (the script pip wrote); this module's are declared as that program's."""
+  """The console command `imagebert-train`. It starts again at once with tcmalloc where the
+  system has it (imagebert_jax/allocator.py: CPU steps 1.4 times faster; IMAGEBERT_MALLOC=system
+  keeps the C library's). absl's --help lists the flags of the program it runs as (the script pip
+  wrote); this module's are declared as that program's."""
+  allocator.reexec("imagebert_jax.main")
   for flag in flags.FLAGS.get_key_flags_for_module(__name__):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(main)

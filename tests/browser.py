@@ -21,6 +21,8 @@ import threading
 import urllib.request
 from typing import Any
 
+from imagebert_jax import allocator
+
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
@@ -54,7 +56,8 @@ class Browser:
          "--disable-background-networking", "--disable-component-update", "--no-first-run",
          "--no-default-browser-check", f"--user-data-dir={self.profile}",
          "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=allocator.without_preload())  # chromium brings its own allocator
     address = None
     for line in self.process.stderr:
       self.stderr_tail = (self.stderr_tail + [line])[-20:]

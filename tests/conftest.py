@@ -1,7 +1,8 @@
 """Test set-up: 8 simulated CPU devices (set before JAX starts), float32, no network, and one
 JAX compilation cache for the session (the tests and the processes they start compile the same
 small models again and again; a cached executable is the one the compiler would have produced),
-shared by pytest-xdist's workers, which inherit it from the process that starts them.
+shared by pytest-xdist's workers, which inherit it from the process that starts them, as they
+inherit tcmalloc where the system has it.
 
 JAX runs on the CPU unless JAX_PLATFORMS is set already: on a GPU machine, JAX_PLATFORMS=cuda
 runs the tests marked `gpu` there (benchmarks/gpu_session.sh does so). Those are skipped when
@@ -30,6 +31,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
+
+from imagebert_jax import allocator  # noqa: E402
+
+# pytest-xdist's workers and the commands tests start run with tcmalloc, as the commands do
+# (imagebert_jax/allocator.py): set before the workers start, so they inherit it.
+allocator.preload_children()
 
 
 @pytest.fixture(scope="session")
