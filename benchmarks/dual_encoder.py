@@ -10,7 +10,7 @@ L2-normalised; a learned temperature scales their dot products; the loss is the 
 cross-entropy in both directions (image->text and text->image). Scored on every (image, caption)
 pair of the evaluation split and ranked exactly as the evaluation stage ranks (ties count against
 the model), so its figures compare with ImageBERT's directly. When the dataset has binding tests
-for the split (`binding_<split>.jsonl`, imagebert_jax.binding), it reports its own shares: a bag
+for the split (`binding_<split>.jsonl`, imagebert_jax.retrieval.binding), it reports its own shares: a bag
 of words scores a caption and its foil of the same words alike, so every test is a tie.
 
 A cross-encoder that sees the same words and the same regions jointly should do at least as well.
@@ -35,7 +35,7 @@ def vocab_path(data_dir: str) -> str:
 
 
 def load(data_dir: str, split: str, max_text_len: int, max_regions: int):
-  from imagebert_jax import evaluate
+  from imagebert_jax.retrieval import evaluate
   from imagebert_jax.data.tokenizer import special_ids
   ids = special_ids(vocab_path(data_dir))
   s = evaluate.load_split(data_dir, split, max_text_len=max_text_len, max_regions=max_regions,
@@ -49,7 +49,7 @@ def train_and_score(data_dir: str, *, train_split: str = "train", eval_split: st
                     seed: int = 0, protocol: str = "full") -> dict:
   """Trains the dual encoder; returns Recall@K on `eval_split` by `protocol` (as the evaluation
   stage's `eval.protocol`) and the training time."""
-  from imagebert_jax import evaluate
+  from imagebert_jax.retrieval import evaluate
   train, ids = load(data_dir, train_split, max_text_len, max_regions)
   test, _ = load(data_dir, eval_split, max_text_len, max_regions)
   r = np.arange(max_regions)
@@ -122,8 +122,8 @@ def train_and_score(data_dir: str, *, train_split: str = "train", eval_split: st
   out = {"metrics": metrics, "final_loss": loss, "train_seconds": round(train_seconds, 1),
          "images": test.num_images, "captions": test.num_captions}
   binding_path = os.path.join(data_dir, f"binding_{eval_split}.jsonl")
-  if os.path.exists(binding_path):  # the dataset's binding tests (imagebert_jax.binding)
-    from imagebert_jax import binding
+  if os.path.exists(binding_path):  # the dataset's binding tests (imagebert_jax.retrieval.binding)
+    from imagebert_jax.retrieval import binding
     from imagebert_jax.data.tokenizer import Tokenizer
     tests = binding.read_tests(binding_path, test.image_ids)
     ids_ = Tokenizer(vocab_path(data_dir), max_text_len).encode_padded(
@@ -152,14 +152,14 @@ def main() -> None:
   f = flags.FLAGS
 
   def run(_):
-    from imagebert_jax.evaluate import format_metrics
+    from imagebert_jax.retrieval.evaluate import format_metrics
     out = train_and_score(f.data_dir, train_split=f.train_split, eval_split=f.eval_split,
                           max_text_len=f.max_text_len, max_regions=f.max_regions,
                           steps=f.steps, batch_size=f.batch_size, seed=f.seed,
                           protocol=f.protocol)
     print(format_metrics({"dual encoder": out["metrics"]}))
     if "binding" in out:
-      from imagebert_jax import binding
+      from imagebert_jax.retrieval import binding
       print(binding.format_table({"dual encoder": out["binding"]}))
     print(json.dumps({k: v for k, v in out.items() if k not in ("metrics", "binding")}))
 

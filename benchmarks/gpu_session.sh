@@ -89,7 +89,7 @@ peer "torch peer, paper config" 70 --batch_size 128 --score_batch 1024 --modes t
 # Retrieval fine-tuning at the paper's batch (24) against the number of mined candidates M.
 bench "fine-tuning" 110 --batch_size 24 --steps 5 --warmup 1 --stage none --modes finetune \
   --candidates 3,16 --num_hard 3
-step "detector" 60 "$py" -m imagebert_jax.detector.bench --steps 5 --warmup 2 \
+step "detector" 60 "$py" -m imagebert_jax.bench.detector --steps 5 --warmup 2 \
   --results "$results" --label detector
 # Optional rows, while time is left.
 for impl in cudnn xla; do

@@ -5,7 +5,7 @@
 
 Writes a stage folder with randomly initialised weights of the config's model (timings do not
 depend on the weights), a region file of `--images` random images with 100 regions each, indexes
-it with `python -m imagebert_jax.search index`, then times text queries through the Python API:
+it with `python -m imagebert_jax.retrieval.search index`, then times text queries through the Python API:
 the first stage (the query's embedding and a dot product with every image) and the cross-encoder
 on the top `--rerank_k`, against the cross-encoder on every image. Compilation is done by a
 warm-up query first. Prints one table. TensorFlow-free.
@@ -34,8 +34,9 @@ def write_model(out: str, config_path: str, vocab_file: str) -> str:
   import jax
   import ml_collections
   import orbax.checkpoint as ocp
-  from imagebert_jax import parallel, runconfig
-  from imagebert_jax import state as state_lib
+  from imagebert_jax import parallel
+  from imagebert_jax.config import runconfig
+  from imagebert_jax.training import state as state_lib
   from imagebert_jax.data.tokenizer import special_ids
   from imagebert_jax.model import ModelConfig
   config = _config(config_path)
@@ -84,8 +85,8 @@ def main() -> None:
   p.add_argument("--out", required=True)
   args = p.parse_args()
   import jax
-  from imagebert_jax import search
-  from imagebert_jax.inference import TrainedModel, two_stage_rank
+  from imagebert_jax.retrieval import search
+  from imagebert_jax.retrieval.inference import TrainedModel, two_stage_rank
   os.makedirs(args.out, exist_ok=True)
   stage = write_model(args.out, args.config, args.vocab_file)
   model = TrainedModel.load(stage, batch_size=args.batch_size)

@@ -15,7 +15,7 @@ steps and keeps the best RSUM in finetune/best_checkpoint, which `test` scores
 
 import ml_collections
 
-from imagebert_jax import config_defaults as defaults
+from imagebert_jax.config import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

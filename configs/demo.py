@@ -11,7 +11,7 @@ Karpathy formats and built like downloaded data. The test split is scored as COC
 miniature: the mean over five folds of 100 images (protocol '5x100'), so each figure rests on
 500 image and 2,500 caption queries rather than 100 and 500, and the evaluations score the
 test's binding sets (a caption against its words with two attributes or the two sides of a
-spatial relation swapped, imagebert_jax/binding.py). It runs the real code path: the builder,
+spatial relation swapped, imagebert_jax/retrieval/binding.py). It runs the real code path: the builder,
 tf.data, global arrays on a device mesh, the jitted steps, Orbax checkpoints, TensorBoard and
 metrics.jsonl; about 18 minutes on a 2-core CPU.
 
@@ -36,7 +36,7 @@ of pretraining (`from_minilm`).
 
 import ml_collections
 
-from imagebert_jax import config_defaults as defaults
+from imagebert_jax.config import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

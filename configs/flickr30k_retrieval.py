@@ -17,7 +17,7 @@ val and test 1K each. `pretrained` must be given: an empty one is refused before
 
 import ml_collections
 
-from imagebert_jax import config_defaults as defaults
+from imagebert_jax.config import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -11,7 +11,7 @@ No held-out split by default (the README's CC and SBU builds make only `train`);
 
 import ml_collections
 
-from imagebert_jax import config_defaults as defaults
+from imagebert_jax.config import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -28,7 +28,7 @@ of stage 1 and four of stage 2 at batch 48, with gradient accumulation available
 
 import ml_collections
 
-from imagebert_jax import config_defaults as defaults
+from imagebert_jax.config import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

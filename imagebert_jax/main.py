@@ -17,7 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from imagebert_jax import allocator
+from imagebert_jax import allocator, errors
 
 
 def _demo_config() -> str | None:
@@ -76,7 +76,8 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax
   cache = use_compilation_cache(_CACHE.value)
-  from imagebert_jax import distributed, train
+  from imagebert_jax import distributed
+  from imagebert_jax.training import train
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:
@@ -93,9 +94,9 @@ def main(argv):
   except train.Preempted as e:
     logging.warning("%s", e)
     sys.exit(143)  # 128 + SIGTERM, so supervisors see the run as unfinished
-  except train.ConfigError as e:
+  except errors.Error as e:
     logging.error("%s", e)
-    sys.exit(2)
+    sys.exit(e.exit_code)
 
 
 def command() -> None:

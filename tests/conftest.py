@@ -79,7 +79,7 @@ def demo_smoke_run(tmp_path_factory):
   """(config, workdir, results) of the demo's smoke config run once for the session: pretrain ->
   finetune -> zero-shot and fine-tuned evaluation (smoke_config). Tests that only read it share
   it."""
-  from imagebert_jax import train
+  from imagebert_jax.training import train
   workdir = str(tmp_path_factory.mktemp("demo"))
   config = smoke_config()
   results = train.train_and_evaluate(config, workdir)

@@ -43,9 +43,13 @@ import types  # noqa: E402
 import numpy as np  # noqa: E402
 
 from helpers import CLS, MASK, PAD, RANDOM_RANGE, SEP, TINY, random_batch  # noqa: E402
-from imagebert_jax import checkpoint, config_defaults, evaluate, optim, parallel  # noqa: E402
-from imagebert_jax import two_stage  # noqa: E402
-from imagebert_jax import state as state_lib  # noqa: E402
+from imagebert_jax import parallel
+from imagebert_jax.training import checkpoint
+from imagebert_jax.config import defaults as config_defaults
+from imagebert_jax.retrieval import evaluate
+from imagebert_jax.training import optim  # noqa: E402
+from imagebert_jax.retrieval import two_stage  # noqa: E402
+from imagebert_jax.training import state as state_lib  # noqa: E402
 from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss  # noqa: E402
 import ml_collections  # noqa: E402
 
@@ -64,7 +68,7 @@ def own_rows(mesh, n):
 
 def save_params(tree, path):
   """Every parameter, gathered whole from all processes, keyed by its path."""
-  from imagebert_jax.checkpoint import flatten_paths
+  from imagebert_jax.training.checkpoint import flatten_paths
   whole = {"/".join(k): np.asarray(jax.experimental.multihost_utils.process_allgather(
       v, tiled=True)) for k, v in flatten_paths(tree).items()}
   np.savez(path, **whole)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from imagebert_jax import bench
+from imagebert_jax.bench import model as bench
 from imagebert_jax.model import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,8 +109,8 @@ def test_summary_divides_ours_by_the_peer_like_for_like():
 @pytest.mark.subprocess
 def test_model_side_imports_without_tensorflow():
   code = ("import sys; import imagebert_jax.model, imagebert_jax.objectives.pretraining, "
-          "imagebert_jax.parallel, imagebert_jax.state, imagebert_jax.bench, "
-          "imagebert_jax.metrics; "
+          "imagebert_jax.parallel, imagebert_jax.training.state, imagebert_jax.bench.model, "
+          "imagebert_jax.training.metrics; "
           "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)

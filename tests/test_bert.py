@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from imagebert_jax import bert, checkpoint
+from imagebert_jax.training import bert
+from imagebert_jax.training import checkpoint
 from imagebert_jax.data.tokenizer import Tokenizer
 from imagebert_jax.model import ImageBert, ModelConfig
 
@@ -92,7 +93,8 @@ def test_a_stage_starts_from_bert(tmp_path):
   """init.bert through the training loop: the text side starts as MiniLM, the rest fresh."""
   import orbax.checkpoint as ocp
 
-  from imagebert_jax import config_defaults, train
+  from imagebert_jax.config import defaults as config_defaults
+  from imagebert_jax.training import train
   from imagebert_jax.data import build as build_lib
   from imagebert_jax.data.regionfile import RegionFileWriter, RegionRecord
   rng = np.random.default_rng(0)

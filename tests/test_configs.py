@@ -200,7 +200,8 @@ def apply_overrides(config, overrides: list[str]) -> None:
 def test_every_shipped_config_passes_its_check_with_its_documented_command(
     name, stand_ins, tmp_path, monkeypatch):
   from conftest import load_config
-  from imagebert_jax import evaluate, validate
+  from imagebert_jax.retrieval import evaluate
+  from imagebert_jax.config import validate
   # The stand-in test splits are small: protocols count folds of 2 images instead of 1,000.
   monkeypatch.setattr(validate, "protocol_images",
                       lambda p: 2 * (evaluate.protocol_folds(p) or (0, 0))[0])
@@ -222,7 +223,7 @@ def test_demo_variants_pass_their_check(tmp_path):
   """`demo.py:smoke` (the tests' demo), `demo.py:minilm` (fine-tuning from the MiniLM
   checkpoint the test install ships) and `demo.py:rerank`."""
   from conftest import load_config
-  from imagebert_jax import validate
+  from imagebert_jax.config import validate
   for arg in ("smoke", "minilm", "rerank"):
     config = load_config("demo", arg)
     validate.validate(config, str(tmp_path / arg))

@@ -229,5 +229,37 @@ def test_a_built_dataset_still_works_after_its_folder_is_moved(tmp_path):
   lines = (moved / "vocab.txt").read_text().split("\n")
   ids = Tokenizer(vocab_file, max_len=8).encode("a red dog").tolist()
   assert ids[1:4] == [lines.index("a"), lines.index("red"), lines.index("dog")]
-  got = {r.image_id for r in records.split_records(str(moved), "train")}
+  got = {r.image_id for r in pipeline.split_records(str(moved), "train")}
   assert got == {"img0", "img1", "img2"}
+
+
+def test_region_locations_hand_worked():
+  from imagebert_jax.model.inputs import region_locations
+  # A 40 x 60 box at (10, 20) on a 100 x 200 image; one running past the right edge.
+  boxes = np.array([[10, 20, 50, 80], [90, 0, 130, 200]], np.float32)
+  np.testing.assert_allclose(region_locations(boxes, 100, 200),
+                             [[0.1, 0.1, 0.5, 0.4, 0.12], [0.9, 0.0, 1.0, 1.0, 0.4]], rtol=1e-6)
+
+
+def test_input_pipeline_and_inference_feed_the_model_alike(small_dataset):
+  """The same record gives the model the same region inputs through the tf.data pipeline
+  (training and evaluation) and through the Python API and search (pack_regions), bit for bit:
+  features, box locations (boxes past the image's edge included), counts, and which regions are
+  kept beyond max_regions."""
+  from imagebert_jax.retrieval.inference import pack_regions
+  out, vocab, _, _ = small_dataset
+  recs = list(pipeline.split_records(out, "train"))
+  r = 6
+  assert any(len(rec.boxes) > r for rec in recs)  # some are cut to max_regions
+  seen, clipped = 0, 0
+  for b in pipeline.as_numpy(pipeline.eval_dataset(_pipe(out, vocab, max_regions=r))):
+    for j in np.flatnonzero(b["mask"]):
+      rec = recs[int(b["image_index"][j])]
+      feat, loc, count = pack_regions([rec], max_regions=r, feature_dim=8)
+      assert int(b["num_regions"][j]) == int(count[0]) == min(len(rec.boxes), r)
+      np.testing.assert_array_equal(b["region_feat"][j], feat[0])
+      np.testing.assert_array_equal(b["region_loc"][j], loc[0])
+      seen += 1
+      clipped += int((loc[0] == 1.0).any())
+  assert seen == 8
+  assert clipped  # boxes past the image's edge, clipped alike on both paths

@@ -1,4 +1,4 @@
-"""The region-feature extractor (imagebert_jax.extract_features, the command imagebert-extract)
+"""The region-feature extractor (imagebert_jax.detector.extract_features, the command imagebert-extract)
 end to end with a tiny random detector: output, sharding, resume, bad images."""
 
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from imagebert_jax import extract_features as tool
+from imagebert_jax.detector import extract_features as tool
 from imagebert_jax.data.regionfile import read_region_file
 from imagebert_jax.detector import export_state_dict, init_params, tiny_config
 

@@ -173,7 +173,8 @@ def test_demo_in_a_bucket_survives_a_kill_and_matches_local_folders(bucket, demo
   for k, v in bucket.env.items():
     monkeypatch.setenv(k, v)
   from conftest import smoke_config
-  from imagebert_jax import paths, train
+  from imagebert_jax import paths
+  from imagebert_jax.training import train
   config = smoke_config()
   config.unlock()
   for s in STAGES:
@@ -195,9 +196,9 @@ def test_demo_in_a_bucket_survives_a_kill_and_matches_local_folders(bucket, demo
   assert in_bucket == local
 
   # ---- The model, loaded from the bucket, scores as the local one does. -----------------------
-  from imagebert_jax.data import records
-  from imagebert_jax.inference import TrainedModel
-  images = list(records.split_records(DATA, "test"))[:6]
+  from imagebert_jax.data import pipeline
+  from imagebert_jax.retrieval.inference import TrainedModel
+  images = list(pipeline.split_records(DATA, "test"))[:6]
   texts = ["a red circle above a blue square", "two green triangles", "a small yellow star",
            "a circle", "a big red square on the left", "three shapes"]
   remote = TrainedModel.load(RUN, batch_size=8).score_pairs(images, texts)

@@ -1,5 +1,5 @@
 """Self-describing runs (config.json beside the checkpoints) and the Python API
-(imagebert_jax.inference), on the demo's smoke run: loading from any folder of a run, one-line
+(imagebert_jax.retrieval.inference), on the demo's smoke run: loading from any folder of a run, one-line
 errors, embeddings and scores against the model run example by example and against the
 all-pairs evaluation, and two-stage ranking against NumPy."""
 
@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from imagebert_jax import checkpoint as ckpt_lib
-from imagebert_jax import evaluate, runconfig
+from imagebert_jax.training import checkpoint as ckpt_lib
+from imagebert_jax.retrieval import evaluate
+from imagebert_jax.config import runconfig
 from imagebert_jax.data.tokenizer import special_ids
-from imagebert_jax.inference import RunConfigError, TrainedModel
+from imagebert_jax.retrieval.inference import RunConfigError, TrainedModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +46,7 @@ def split(demo, model):
 
 @pytest.fixture(scope="module")
 def records(demo, split):
-  from imagebert_jax.data.records import split_records
+  from imagebert_jax.data.pipeline import split_records
   recs = list(split_records(os.path.join(demo, "synthetic_data"), "test"))
   assert [r.image_id for r in recs] == split.image_ids
   return recs
@@ -134,7 +135,7 @@ def test_rerunning_a_finished_run_describes_its_stages(demo_smoke_run, tmp_path)
     os.remove(copy / name / "config.json")
   with pytest.raises(RunConfigError, match="rerun the run's command on its work directory"):
     TrainedModel.load(str(copy))
-  from imagebert_jax import train
+  from imagebert_jax.training import train
   train.train_and_evaluate(config, str(copy))  # every stage is finished: nothing runs
   for name in ("pretrain", "finetune", "finetuned"):
     assert (json.loads((copy / name / "config.json").read_text())
@@ -262,8 +263,8 @@ def test_two_stage_ranking_against_numpy(model, split, records, demo):
 
 def test_api_works_without_tensorflow(demo):
   code = ("import sys; sys.modules['tensorflow'] = None; "
-          "from imagebert_jax.inference import TrainedModel; import imagebert_jax.search, "
-          "imagebert_jax.report, imagebert_jax.runconfig; "
+          "from imagebert_jax.retrieval.inference import TrainedModel; import imagebert_jax.retrieval.search, "
+          "imagebert_jax.retrieval.report, imagebert_jax.config.runconfig; "
           f"m = TrainedModel.load({demo!r}, batch_size=2); "
           "e = m.embed_texts(['a red dog on the left']); assert e.shape == (1, m.cfg.itc_dim); "
           "assert 'tensorflow' not in [k for k, v in sys.modules.items() if v is not None]")

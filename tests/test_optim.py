@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from imagebert_jax import optim
+from imagebert_jax.training import optim
 
 
 def _cfg(**kw):

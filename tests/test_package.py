@@ -16,9 +16,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = {"imagebert-train": "imagebert_jax.main:command",
             "imagebert-build": "imagebert_jax.data.build:main",
-            "imagebert-extract": "imagebert_jax.extract_features:main",
-            "imagebert-search": "imagebert_jax.search:command",
-            "imagebert-bench": "imagebert_jax.bench:command"}
+            "imagebert-extract": "imagebert_jax.detector.extract_features:main",
+            "imagebert-search": "imagebert_jax.retrieval.search:command",
+            "imagebert-bench": "imagebert_jax.bench.model:command"}
 
 
 def requirements(name):

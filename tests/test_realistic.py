@@ -89,7 +89,7 @@ def test_generation_is_deterministic(tmp_path):
 # Alarms.
 # ------------------------------------------------------------------------------------------------
 def test_collapse_alarm_after_patience_intervals():
-  from imagebert_jax.monitor import LearningMonitor, MonitorConfig
+  from imagebert_jax.training.monitor import LearningMonitor, MonitorConfig
   mon = LearningMonitor("finetune", MonitorConfig(min_score_std=1e-3, patience=3))
   seen = [mon.check(step, {"score_std": std})["alarm/score_collapse"]
           for step, std in [(10, 0.5), (20, 1e-4), (30, 2e-4), (40, 5e-5), (50, 1e-5), (60, 0.2)]]
@@ -98,7 +98,7 @@ def test_collapse_alarm_after_patience_intervals():
 
 
 def test_itm_at_chance_alarm():
-  from imagebert_jax.monitor import LearningMonitor, MonitorConfig
+  from imagebert_jax.training.monitor import LearningMonitor, MonitorConfig
   mon = LearningMonitor("pretrain", MonitorConfig(itm_chance_steps=100))
   base = {"itm_positive_share": 0.5, "itm_score_std": 0.3}
   assert mon.check(50, {**base, "itm_accuracy": 0.5})["alarm/itm_at_chance"] == 0.0  # too early
@@ -110,7 +110,7 @@ def test_itm_at_chance_alarm():
 
 
 def test_score_matrix_spread():
-  from imagebert_jax.evaluate import score_spread
+  from imagebert_jax.retrieval.evaluate import score_spread
   rng = np.random.default_rng(0)
   constant = np.full((5, 25), -0.6931) + rng.uniform(-3e-6, 3e-6, (5, 25))
   assert score_spread(constant)["scores_near_constant"]
@@ -127,7 +127,7 @@ def test_feature_statistics_of_a_built_split(synthetic_dir):
   import jax.numpy as jnp
   from flax import nnx
 
-  from imagebert_jax import train
+  from imagebert_jax.training import train
   from imagebert_jax.data import regionfile
   from imagebert_jax.model import ImageBert, ModelConfig
   # Independent reference: the source region file the builder read, train images only (the toy

@@ -10,7 +10,10 @@ import pytest
 from flax import nnx
 
 from helpers import PAD, TINY, random_batch
-from imagebert_jax import config_defaults, evaluate, parallel, state as state_lib
+from imagebert_jax import parallel
+from imagebert_jax.config import defaults as config_defaults
+from imagebert_jax.retrieval import evaluate
+from imagebert_jax.training import state as state_lib
 from imagebert_jax.objectives import retrieval as R
 
 RULES = parallel.rules_from_config(config_defaults.DEFAULT_RULES)

@@ -1,4 +1,4 @@
-"""`python -m imagebert_jax.search` end to end: real photographs (scikit-image's samples) through a
+"""`python -m imagebert_jax.retrieval.search` end to end: real photographs (scikit-image's samples) through a
 randomly initialised detector, the same photos as region files, and a dataset split; the results
 against the model's own scores and the all-pairs evaluation; the HTML report in headless Chromium
 (no console errors, the expected results with their images)."""
@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from browser import Browser, find_chromium
-from imagebert_jax import search
+from imagebert_jax.retrieval import search
 from imagebert_jax.detector import export_state_dict, init_params, tiny_config
-from imagebert_jax.inference import TrainedModel
+from imagebert_jax.retrieval.inference import TrainedModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png")
@@ -115,7 +115,7 @@ def test_region_files_of_the_same_photos_index_the_same(photo_index, photos, det
                                                          tmp_path):
   """The extractor's region files (imagebert-extract) give the same regions and embeddings as
   the search command's own pass through the detector."""
-  from imagebert_jax import extract_features as tool
+  from imagebert_jax.detector import extract_features as tool
   out = tool.run(["--images", str(photos), "--weights", detector[1], "--config", detector[0],
                   "--output", str(tmp_path / "regions"), "--id_from", "relpath",
                   "--no_progress"])
@@ -244,7 +244,7 @@ def test_another_model_is_refused(photo_index, demo, tmp_path):
   with pytest.raises(SystemExit, match="was built with another model"):
     search.main(["query", "--index", index, "--model", str(other), "--query", "a cat"])
   # Through the command itself: a non-zero exit and one line saying why.
-  run = subprocess.run([sys.executable, "-m", "imagebert_jax.search", "query", "--index", index,
+  run = subprocess.run([sys.executable, "-m", "imagebert_jax.retrieval.search", "query", "--index", index,
                         "--model", os.path.join(demo, "pretrain"), "--query", "a cat"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
@@ -254,7 +254,7 @@ def test_another_model_is_refused(photo_index, demo, tmp_path):
 
 
 def test_dataset_split_end_to_end(demo, model, tmp_path, browser):
-  from imagebert_jax import evaluate
+  from imagebert_jax.retrieval import evaluate
   data_dir = os.path.join(demo, "synthetic_data")
   index = str(tmp_path / "index")
   summary = search.main(["index", "--model", os.path.join(demo, "finetune"), "--index", index,

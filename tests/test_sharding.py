@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from helpers import CLS, MASK, PAD, RANDOM_RANGE, SEP, TINY, random_batch
-from imagebert_jax import config_defaults, optim, parallel
-from imagebert_jax import state as state_lib
+from imagebert_jax import parallel
+from imagebert_jax.config import defaults as config_defaults
+from imagebert_jax.training import optim
+from imagebert_jax.training import state as state_lib
 from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss
 
 CFG = dataclasses.replace(TINY, dropout_rate=0.1, attention_dropout_rate=0.1)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import load_config, smoke_config
-from imagebert_jax import metrics as metrics_lib
-from imagebert_jax import train
+from imagebert_jax.training import metrics as metrics_lib
+from imagebert_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,7 +81,7 @@ def test_finetuning_validates_and_the_evaluation_scores_the_best(smoke_run):
 
 
 def ckpt_step(path):
-  from imagebert_jax import checkpoint
+  from imagebert_jax.training import checkpoint
   return checkpoint.step_of(path)
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from imagebert_jax import train
-from imagebert_jax.validate import ConfigError
+from imagebert_jax.training import train
+from imagebert_jax.config.validate import ConfigError
 from test_train import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -258,8 +258,10 @@ def test_a_skipped_step_leaves_parameters_and_optimizer_state_unchanged():
   import ml_collections
 
   from helpers import CLS, MASK, PAD, RANDOM_RANGE, SEP, TINY, random_batch
-  from imagebert_jax import config_defaults, optim, parallel
-  from imagebert_jax import state as state_lib
+  from imagebert_jax import parallel
+  from imagebert_jax.config import defaults as config_defaults
+  from imagebert_jax.training import optim
+  from imagebert_jax.training import state as state_lib
   from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss
   obj = PretrainObjective(pad_id=PAD, cls_id=CLS, sep_id=SEP, mask_id=MASK,
                           random_token_range=RANDOM_RANGE)
@@ -308,7 +310,7 @@ def test_a_skipped_step_leaves_parameters_and_optimizer_state_unchanged():
 @pytest.mark.slow
 def test_nan_parameters_are_never_checkpointed_and_their_scores_rank_last(tmp_path, caplog):
   from imagebert_jax import parallel
-  from imagebert_jax import state as state_lib
+  from imagebert_jax.training import state as state_lib
   from imagebert_jax.data.tokenizer import special_ids
   config = _tiny_pretrain(2)
   # A checkpoint of NaN parameters of the model this config builds, in this project's layout.
@@ -470,7 +472,7 @@ def test_a_checkpoint_of_another_train_state_is_an_error_not_damage(tmp_path):
 
 
 def test_best_checkpoint_keeps_the_highest_and_survives_reopening(tmp_path):
-  from imagebert_jax import checkpoint
+  from imagebert_jax.training import checkpoint
   params = lambda k: {"w": np.full((3,), float(k), np.float32)}
   best = checkpoint.BestCheckpoint(str(tmp_path / "best"), "rsum")
   assert best.best() == (None, None)

@@ -13,8 +13,12 @@ import pytest
 from flax import nnx
 
 from helpers import PAD, TINY, random_batch
-from imagebert_jax import config_defaults, evaluate, parallel, train, two_stage
-from imagebert_jax import state as state_lib
+from imagebert_jax import parallel
+from imagebert_jax.config import defaults as config_defaults
+from imagebert_jax.retrieval import evaluate
+from imagebert_jax.training import train
+from imagebert_jax.retrieval import two_stage
+from imagebert_jax.training import state as state_lib
 
 RULES = parallel.rules_from_config(config_defaults.DEFAULT_RULES)
 
@@ -155,8 +159,8 @@ def _evaluation_config(demo_smoke_run, rerank_k):
 
 
 def test_evaluation_stage_in_two_stages(demo_smoke_run, tmp_path):
-  from imagebert_jax.inference import TrainedModel
-  from imagebert_jax.data.records import split_records
+  from imagebert_jax.retrieval.inference import TrainedModel
+  from imagebert_jax.data.pipeline import split_records
   _, demo, _ = demo_smoke_run
   k = 3
   result = train.train_and_evaluate(_evaluation_config(demo_smoke_run, k), str(tmp_path))
@@ -213,7 +217,7 @@ def test_evaluation_stage_in_two_stages(demo_smoke_run, tmp_path):
 def test_ranking_adds_the_contrastive_logit_when_the_model_says_so(demo_smoke_run, tmp_path):
   """model.retrieval_itc_weight = 0.5: the rescored candidates are ordered by the cross-encoder's
   logit + 0.5 x scale x cosine; the cross-encoder's own ranking is still reported."""
-  from imagebert_jax.inference import TrainedModel
+  from imagebert_jax.retrieval.inference import TrainedModel
   _, demo, _ = demo_smoke_run
   k, weight = 4, 0.5
   config = _evaluation_config(demo_smoke_run, k)
@@ -239,7 +243,7 @@ def test_ranking_adds_the_contrastive_logit_when_the_model_says_so(demo_smoke_ru
                               max_text_len=model.cfg.max_text_len,
                               max_regions=model.cfg.max_regions, pad_id=model.ids.pad_id,
                               sep_id=model.ids.sep_id)
-  from imagebert_jax.data.records import split_records
+  from imagebert_jax.data.pipeline import split_records
   gallery = model.image_gallery(list(split_records(os.path.join(demo, "synthetic_data"), "test")))
   hits = model.rank_images(split.text_ids[:5], gallery, k=k, rerank_k=k)
   for q in range(5):
@@ -249,7 +253,7 @@ def test_ranking_adds_the_contrastive_logit_when_the_model_says_so(demo_smoke_ru
 
 
 def test_api_ranking_with_a_contrastive_weight_by_hand():
-  from imagebert_jax.inference import two_stage_rank
+  from imagebert_jax.retrieval.inference import two_stage_rank
   first = np.array([[0.9, 0.5, 0.1, 0.0]], np.float32)  # candidates 0, 1, 2 rescored
   cross = lambda q, j: np.array([0.0, 0.3, 0.2], np.float32)[j]
   plain = two_stage_rank(first, cross, k=4, rerank_k=3)[0]

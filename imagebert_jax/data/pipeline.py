@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from imagebert_jax.data import records
+from imagebert_jax.model.inputs import region_locations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,16 +99,13 @@ def _options(cfg: PipelineConfig):
 def _image_fields(ex, cfg: PipelineConfig, stored_probs: bool):
   """Region inputs of one record, padded to max_regions."""
   import tensorflow as tf
+  import tensorflow.experimental.numpy as tnp
   r = cfg.max_regions
   feats = ex["features"][:r]
   n = tf.shape(feats)[0]
   pad = [[0, r - n], [0, 0]]
   boxes = ex["boxes"][:r]
-  w = tf.cast(ex["image_w"], tf.float32)
-  h = tf.cast(ex["image_h"], tf.float32)
-  x1, y1, x2, y2 = tf.unstack(boxes, axis=-1)
-  loc = tf.stack([x1 / w, y1 / h, x2 / w, y2 / h, (x2 - x1) * (y2 - y1) / (w * h)], axis=-1)
-  loc = tf.clip_by_value(loc, 0.0, 1.0)
+  loc = region_locations(boxes, ex["image_w"], ex["image_h"], xp=tnp)
   out = {
       "region_feat": tf.ensure_shape(tf.pad(feats, pad), [r, None]),
       "region_loc": tf.ensure_shape(tf.pad(loc, pad), [r, 5]),
@@ -331,3 +329,21 @@ def eval_dataset(cfg: PipelineConfig, *, max_batches: int | None = None,
 def as_numpy(ds) -> Iterator[dict[str, np.ndarray]]:
   import tensorflow_datasets as tfds
   return iter(tfds.as_numpy(ds))
+
+
+def split_records(data_dir: str, split: str):
+  """Yields the records of a built dataset's split as RegionRecords (regions as selected when
+  the dataset was built, best first), in the dataset's order. Reads through TFDS."""
+  import tensorflow_datasets as tfds
+  hide_gpus_from_tf()
+  builder, info = open_dataset(data_dir)
+  if split not in info["splits"]:
+    raise ValueError(f"{data_dir}: no split {split!r}; it has {sorted(info['splits'])}")
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={"captions": tfds.decode.SkipDecoding()})
+  for ex in tfds.as_numpy(ds):
+    image_id = ex["image_id"]
+    yield records.RegionRecord(
+        image_id=image_id.decode() if isinstance(image_id, bytes) else str(image_id),
+        image_w=int(ex["image_w"]), image_h=int(ex["image_h"]), boxes=ex["boxes"],
+        features=ex["features"], object_id=ex["object_id"], object_conf=ex["object_conf"])

@@ -145,22 +145,3 @@ def vocab_path(data_dir: str, info: dict | None = None) -> str:
   if paths.is_url(name) or os.path.isabs(name):
     return name
   return paths.join(data_dir, name)
-
-
-def split_records(data_dir: str, split: str):
-  """Yields the records of a built dataset's split as RegionRecords (regions as selected when
-  the dataset was built, best first), in the dataset's order. Reads through TFDS."""
-  import tensorflow_datasets as tfds
-  from imagebert_jax.data import pipeline
-  pipeline.hide_gpus_from_tf()
-  builder, info = pipeline.open_dataset(data_dir)
-  if split not in info["splits"]:
-    raise ValueError(f"{data_dir}: no split {split!r}; it has {sorted(info['splits'])}")
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={"captions": tfds.decode.SkipDecoding()})
-  for ex in tfds.as_numpy(ds):
-    image_id = ex["image_id"]
-    yield RegionRecord(
-        image_id=image_id.decode() if isinstance(image_id, bytes) else str(image_id),
-        image_w=int(ex["image_w"]), image_h=int(ex["image_h"]), boxes=ex["boxes"],
-        features=ex["features"], object_id=ex["object_id"], object_conf=ex["object_conf"])

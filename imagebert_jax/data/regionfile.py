@@ -45,6 +45,7 @@ import msgpack
 import numpy as np
 
 from imagebert_jax import paths
+from imagebert_jax.errors import RegionFileError
 
 MAGIC = b"IBRF\x01\n"
 _LEN = struct.Struct("<Q")
@@ -63,10 +64,6 @@ OPTIONAL_ARRAYS = {
     "attr_conf": (np.float32, 1),
     "class_probs": (np.float16, 2),
 }
-
-
-class RegionFileError(ValueError):
-    """A region file or one of its records cannot be read."""
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
 """Region records from image files: listing, decoding in threads, batched detection.
 
-Shared by `tools/extract_features.py` (which writes region files) and `imagebert_jax.search`
+Shared by `tools/extract_features.py` (which writes region files) and `imagebert_jax.retrieval.search`
 (which indexes a folder of photos). Images are decoded and prepared in a thread pool, grouped by
 canvas (landscape or portrait) into batches of `batch_size`, so the jitted detector compiles once
 per canvas and batch size; one batch runs on the device while the host turns the previous one into

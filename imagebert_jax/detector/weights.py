@@ -28,13 +28,10 @@ from imagebert_jax import paths
 from imagebert_jax.detector.boxes import cell_anchors
 from imagebert_jax.detector.config import DetectorConfig
 from imagebert_jax.detector.model import Params, module_specs
+from imagebert_jax.errors import WeightsError
 
 _OPTIONAL_SUFFIXES = (".norm.running_mean", ".norm.running_var")
 _ANCHOR_KEY = "proposal_generator.anchor_generator.cell_anchors.0"
-
-
-class WeightsError(ValueError):
-  """A weight file does not match the detector config."""
 
 
 def expected_keys(cfg: DetectorConfig) -> dict[str, tuple[int, ...]]:

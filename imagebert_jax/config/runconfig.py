@@ -27,14 +27,11 @@ from typing import Any
 from etils import epath
 
 from imagebert_jax import paths
+from imagebert_jax.errors import RunConfigError
 from imagebert_jax.model.config import ModelConfig
 
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.txt"
-
-
-class RunConfigError(ValueError):
-  """A stage folder that cannot describe its model; the message is one line."""
 
 
 def config_to_dict(config: Any) -> dict:

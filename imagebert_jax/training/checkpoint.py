@@ -17,8 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from imagebert_jax import parallel, paths
-from imagebert_jax.state import TrainState
-from imagebert_jax.validate import ConfigError
+from imagebert_jax.training.state import TrainState
+from imagebert_jax.errors import CheckpointMismatch, ConfigError
 
 
 def _as_dict(state: TrainState) -> dict:
@@ -168,10 +168,6 @@ def step_of(path: str) -> int | None:
   """The step of the checkpoint `state_dir(path)` resolves to (None when the path names none)."""
   folder = paths.basename(paths.dirname(state_dir(path)))
   return int(folder) if folder.isdigit() else None
-
-
-class CheckpointMismatch(ConfigError):
-  """A checkpoint of a different train state than the config builds."""
 
 
 def _shapes(tree: Any) -> Any:

@@ -1,17 +1,17 @@
 """Search one's own images and texts with a trained ImageBERT: an index on disk, then queries.
 
     # Index a folder of photos (through the region detector), region files, or a built dataset split
-    python -m imagebert_jax.search index --model runs/demo --index my_index \\
+    python -m imagebert_jax.retrieval.search index --model runs/demo --index my_index \\
         --images photos/ --detector_weights faster_rcnn_from_caffe_attr.pkl
-    python -m imagebert_jax.search index --model runs/demo --index my_index --regions 'feat/*.ibrf'
-    python -m imagebert_jax.search index --model runs/demo --index my_index --dataset data/f30k \\
+    python -m imagebert_jax.retrieval.search index --model runs/demo --index my_index --regions 'feat/*.ibrf'
+    python -m imagebert_jax.retrieval.search index --model runs/demo --index my_index --dataset data/f30k \\
         --split test [--image_root flickr30k_images/]
 
     # Texts -> the top images; an image -> the top texts of a file
-    python -m imagebert_jax.search query --index my_index --query "a red bicycle next to a bench" \\
+    python -m imagebert_jax.retrieval.search query --index my_index --query "a red bicycle next to a bench" \\
         [--query ... | --queries questions.txt] [--top_k 10] [--rerank_k 16] \\
         [--json results.json] [--html report.html [--boxes]]
-    python -m imagebert_jax.search query --index my_index --image photos/cat.jpg --texts captions.txt
+    python -m imagebert_jax.retrieval.search query --index my_index --image photos/cat.jpg --texts captions.txt
 
 The index folder holds `index.json` (the model it was built with: its folder, config digest and
 weights digest; the source; the detector) and `parts/part-NNNNNN.npz`, each a batch of images: ids,
@@ -19,7 +19,7 @@ paths, contrastive embeddings, the regions (features, boxes, image size). A buil
 and the time left, writes a part every `--part_size` images, and a rerun continues after the last
 part written. Querying with another model than the index was built with is refused.
 
-Queries run in two stages (imagebert_jax.inference): the embeddings rank every candidate, the
+Queries run in two stages (imagebert_jax.retrieval.inference): the embeddings rank every candidate, the
 cross-encoder rescores the top `--rerank_k` (0: every candidate). The JSON output has, per query,
 the final ranking (ids, cross-encoder scores, first-stage scores and places) and the first stage's
 own top list; the HTML report is one self-contained file (thumbnails inlined) that opens from disk.
@@ -40,17 +40,16 @@ import numpy as np
 from etils import epath
 
 from imagebert_jax import paths
+from imagebert_jax import errors
+from imagebert_jax.errors import SearchError
+from imagebert_jax.model.inputs import region_locations
 
-log = logging.getLogger("imagebert_jax.search")
+log = logging.getLogger("imagebert_jax.retrieval.search")
 
 MANIFEST = "index.json"
 PARTS = "parts"
 FORMAT = 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-
-
-class SearchError(Exception):
-  """A problem the user can fix; the message is one line."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -72,12 +71,9 @@ class IndexData:
 
   def locations(self) -> np.ndarray:
     """[N, R, 5] box locations as the model takes them (zeros at padding)."""
-    w = self.image_w.astype(np.float32)[:, None]
-    h = self.image_h.astype(np.float32)[:, None]
-    x1, y1, x2, y2 = (self.boxes[..., i] for i in range(4))
-    loc = np.stack([x1 / w, y1 / h, x2 / w, y2 / h, (x2 - x1) * (y2 - y1) / (w * h)], -1)
+    loc = region_locations(self.boxes, self.image_w[:, None], self.image_h[:, None])
     valid = np.arange(self.boxes.shape[1])[None, :] < self.num_regions[:, None]
-    return np.where(valid[..., None], np.clip(loc, 0.0, 1.0), 0.0).astype(np.float32)
+    return np.where(valid[..., None], loc, 0.0).astype(np.float32)
 
 
 class Index:
@@ -93,7 +89,7 @@ class Index:
   def manifest(self) -> dict:
     if not self.exists():
       raise SearchError(f"{self.folder}: not an index (no {MANIFEST}); build one with "
-                        "`python -m imagebert_jax.search index`")
+                        "`python -m imagebert_jax.retrieval.search index`")
     return json.loads(self.manifest_path.read_text())
 
   def write_manifest(self, value: dict) -> None:
@@ -277,7 +273,7 @@ def _new_items(source: dict, done: set[str], max_regions: int, options: dict,
                        select(record, options, max_regions))
 
     return regions(), total - len(done)
-  from imagebert_jax.data import records
+  from imagebert_jax.data import pipeline, records
   try:
     info = records.read_info(source["spec"])
   except FileNotFoundError as e:
@@ -288,7 +284,7 @@ def _new_items(source: dict, done: set[str], max_regions: int, options: dict,
   total = info["splits"][source["split"]]["records"]
 
   def dataset():
-    for record in records.split_records(source["spec"], source["split"]):
+    for record in pipeline.split_records(source["spec"], source["split"]):
       if record.image_id not in done:
         yield Item(record.image_id, find_image(root, record.image_id),
                    select(record, options, max_regions))
@@ -313,7 +309,7 @@ def _part_arrays(model, items: list[Item]) -> dict[str, np.ndarray]:
 
 def build(args) -> dict:
   from tqdm import tqdm
-  from imagebert_jax.inference import TrainedModel
+  from imagebert_jax.retrieval.inference import TrainedModel
   source = _source(args)
   index = Index(args.index)
   manifest = index.manifest() if index.exists() else None
@@ -419,7 +415,7 @@ def _result(hit, ident: str, extra: dict) -> dict:
 
 
 def query(args) -> dict:
-  from imagebert_jax.inference import TrainedModel, two_stage_rank
+  from imagebert_jax.retrieval.inference import TrainedModel, two_stage_rank
   index = Index(args.index)
   manifest = index.manifest()
   texts = list(args.query or [])
@@ -488,7 +484,7 @@ def query(args) -> dict:
   if args.json:
     epath.Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
   if args.html:
-    from imagebert_jax.report import write_report
+    from imagebert_jax.retrieval.report import write_report
     write_report(args.html, out, image_info, boxes=args.boxes)
   _print(out)
   return out
@@ -508,7 +504,7 @@ def _print(out: dict) -> None:
 # The command.
 # ------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m imagebert_jax.search",
+  p = argparse.ArgumentParser(prog="python -m imagebert_jax.retrieval.search",
                               description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
@@ -563,15 +559,14 @@ def main(argv: list[str] | None = None) -> dict:
   """Runs the command; returns its summary (build) or results (query). A problem the user can
   fix is a SystemExit with one line."""
   args = parse_args(argv)
-  from imagebert_jax.inference import RunConfigError
   try:
     return build(args) if args.command == "index" else query(args)
-  except (SearchError, RunConfigError) as e:
+  except errors.Error as e:
     raise SystemExit(f"error: {e}") from None
 
 
 def command() -> None:
-  """The console command `imagebert-search` (python -m imagebert_jax.search)."""
+  """The console command `imagebert-search` (python -m imagebert_jax.retrieval.search)."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   main()
 

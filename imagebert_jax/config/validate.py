@@ -13,16 +13,14 @@ from typing import Any
 import jax
 import ml_collections
 
-from imagebert_jax import config_defaults, paths
-from imagebert_jax.evaluate import PROTOCOL_HELP, protocol_images, protocol_names
+from imagebert_jax import paths
+from imagebert_jax.config import defaults as config_defaults
+from imagebert_jax.errors import ConfigError
+from imagebert_jax.retrieval.evaluate import PROTOCOL_HELP, protocol_images, protocol_names
 from imagebert_jax.model.config import ModelConfig
 
 TOP_LEVEL = {"seed", "model", "text", "mesh", "stages", "run"}
 STAGE_KINDS = ("pretrain", "finetune", "evaluate")
-
-
-class ConfigError(ValueError):
-  """A config that cannot run; the message is one line naming the key and the value."""
 
 
 def _keys(cd: Any) -> set[str]:
@@ -287,7 +285,7 @@ def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: 
   # Where the weights come from.
   init = stage.init
   if init.checkpoint:
-    from imagebert_jax import checkpoint
+    from imagebert_jax.training import checkpoint
     try:
       checkpoint.state_dir(init.checkpoint)
     except FileNotFoundError:
@@ -299,7 +297,7 @@ def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: 
       raise ConfigError(f"{where}.init.from_stage={init.from_stage!r}: that stage neither runs "
                         f"before this one nor has checkpoints in {workdir}")
   if init.bert:
-    from imagebert_jax import bert
+    from imagebert_jax.training import bert
     try:
       bert.check_compatible(init.bert, model)
     except (FileNotFoundError, ValueError) as e:

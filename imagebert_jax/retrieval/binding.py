@@ -141,7 +141,8 @@ def split_scorers(params: Any, graphdef: Any, mesh, rules, split, *, pad_id: int
                   cls_sep: tuple[int, int], batch: int = 256):
   """(cross_scores, text_embed) for `evaluate` over a split on the devices (two_stage's jitted
   pair scorer and text embedder, so the figures are the evaluation's own)."""
-  from imagebert_jax import parallel, two_stage
+  from imagebert_jax import parallel
+  from imagebert_jax.retrieval import two_stage
   scorer = two_stage._pair_scorer(graphdef, mesh, rules, pad_id)
   batch = -(-batch // mesh.size) * mesh.size
   regions = tuple(parallel.replicated_array(x, mesh) for x in (

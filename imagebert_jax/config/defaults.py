@@ -81,7 +81,7 @@ def train_default(batch_size: int = 48, num_steps: int = 1_000_000) -> ConfigDic
       batch_size=batch_size, num_steps=num_steps, grad_accum_steps=1, log_every=100,
       checkpoint_every=5000, keep_checkpoints=3, eval_every=10_000, eval_batches=50,
       skip_nonfinite=True, max_nonfinite_in_a_row=20,
-      # Alarms (imagebert_jax/monitor.py): matching scores whose std across a batch stays below
+      # Alarms (imagebert_jax/training/monitor.py): matching scores whose std across a batch stays below
       # collapse_min_score_std for collapse_patience log intervals; pretraining ITM accuracy
       # still at chance after itm_chance_steps steps (0: no such alarm).
       collapse_min_score_std=1e-3, collapse_patience=3, itm_chance_steps=0,
@@ -161,12 +161,12 @@ def evaluate_stage(data: ConfigDict, *, from_stage: str = "", checkpoint: str = 
                    protocol: str = "full") -> ConfigDict:
   """Retrieval evaluation of the split `data.eval_split`: the cross-encoder on every pair
   (`eval.rerank_k` = 0), or on each query's top `rerank_k` after the contrastive embeddings rank
-  every candidate (imagebert_jax.two_stage)."""
+  every candidate (imagebert_jax.retrieval.two_stage)."""
   return ConfigDict(dict(
       kind="evaluate", data=data,
       # captions_per_image: each image's first captions in the caption file's order (the
       # Karpathy protocol's five); 0 keeps all.
-      # binding_file: tests of captions against foils of the same words (imagebert_jax.binding);
+      # binding_file: tests of captions against foils of the same words (imagebert_jax.retrieval.binding);
       # 'auto': the dataset's binding_<eval_split>.jsonl when it has one; '' none.
       eval=ConfigDict(dict(protocol=protocol, tile_images=8, tile_captions=128,
                            chunk_images=64, max_images=0, captions_per_image=5, progress=True,

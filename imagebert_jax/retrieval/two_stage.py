@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from imagebert_jax import evaluate as eval_lib
+from imagebert_jax.retrieval import evaluate as eval_lib
 from imagebert_jax import parallel, paths
 
 RERANK_CHUNKS = "rerank_chunks"

@@ -21,15 +21,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from imagebert_jax import checkpoint as ckpt_lib
-from imagebert_jax import metrics as metrics_lib
-from imagebert_jax import monitor as monitor_lib
-from imagebert_jax import optim, parallel, paths, runconfig
-from imagebert_jax import state as state_lib
+from imagebert_jax.training import checkpoint as ckpt_lib
+from imagebert_jax.training import metrics as metrics_lib
+from imagebert_jax.training import monitor as monitor_lib
+from imagebert_jax import parallel, paths
+from imagebert_jax.training import optim
+from imagebert_jax.config import runconfig
+from imagebert_jax.training import state as state_lib
 from imagebert_jax.model import ModelConfig
 from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss
 from imagebert_jax.objectives.retrieval import RetrievalObjective, retrieval_loss
-from imagebert_jax.validate import ConfigError, run_names, validate  # noqa: F401 - ConfigError for main
+from imagebert_jax.config.validate import run_names, validate
 
 DONE_FILE = "DONE.json"
 
@@ -185,7 +187,7 @@ def mark_done(workdir: str, name: str, info: dict) -> None:
 def describe_stage(config: ml_collections.ConfigDict, name: str, workdir: str,
                    model_cfg: ModelConfig, vocab: str, data_dir: str) -> None:
   """Writes `<stage>/config.json` and the vocabulary beside the stage's checkpoints, so the stage
-  folder alone rebuilds its model (imagebert_jax.runconfig)."""
+  folder alone rebuilds its model (imagebert_jax.config.runconfig)."""
   if jax.process_index() != 0:
     return
   from imagebert_jax.data import pipeline, records
@@ -248,7 +250,7 @@ def starting_params(name: str, stage: ml_collections.ConfigDict, workdir: str,
     return None
   flat = ckpt_lib.flatten_paths(fresh)
   if stage.init.bert:
-    from imagebert_jax import bert
+    from imagebert_jax.training import bert
     arrays, left = bert.initial_params(stage.init.bert, model_cfg, flat)
     for key, value in arrays.items():  # placed shard by shard: works across processes
       flat[key] = jax.make_array_from_callback(value.shape, flat[key].sharding,
@@ -333,7 +335,7 @@ def retrieval_validation(stage: ml_collections.ConfigDict, name: str, data_dir: 
   val = stage.val if stage.kind == "finetune" else None
   if not val or not val.retrieval or not stage.train.eval_every or not stage.data.eval_split:
     return None
-  from imagebert_jax import evaluate as eval_lib
+  from imagebert_jax.retrieval import evaluate as eval_lib
   from imagebert_jax.data import pipeline, records
   dirs = [d for d in pipeline.data_dirs(data_dir)
           if pipeline.has_split(records.read_info(d), stage.data.eval_split)]
@@ -623,7 +625,7 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
 # ------------------------------------------------------------------------------------------------
 def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> dict:
   """Scores every pair of a split with the cross-encoder; writes scores and metrics."""
-  from imagebert_jax import evaluate as eval_lib
+  from imagebert_jax.retrieval import evaluate as eval_lib
   from imagebert_jax.data import pipeline
   from imagebert_jax.data.tokenizer import special_ids
   stage = config.stages[name]
@@ -653,8 +655,8 @@ def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -
                split.num_captions, f"{split.num_images * split.num_captions:,}")
   started = time.time()
   # The contrastive first stage always; the cross-encoder on every pair (eval.rerank_k = 0) or
-  # on each query's top rerank_k (imagebert_jax.two_stage).
-  from imagebert_jax import two_stage
+  # on each query's top rerank_k (imagebert_jax.retrieval.two_stage).
+  from imagebert_jax.retrieval import two_stage
   result = two_stage.evaluate_split(params, split, graphdef, mesh, rules, out_dir, ids=ids,
                                     ecfg=ecfg)
   scores, metrics, by_protocol = result.scores, result.metrics, result.by_protocol
@@ -702,12 +704,12 @@ def binding_file(stage: ml_collections.ConfigDict, data_dir: str) -> str:
 
 def evaluate_binding(stage, data_dir, vocab, lowercase, params, graphdef, mesh, rules, split,
                      ids, model_cfg, result) -> str:
-  """Scores the stage's binding tests (imagebert_jax.binding), adds their shares to
+  """Scores the stage's binding tests (imagebert_jax.retrieval.binding), adds their shares to
   `result.metrics` and returns their table ('' without tests)."""
   path = binding_file(stage, data_dir)
   if not path:
     return ""
-  from imagebert_jax import binding
+  from imagebert_jax.retrieval import binding
   from imagebert_jax.data.tokenizer import Tokenizer
   tests = binding.read_tests(path, split.image_ids)
   if not len(tests):
@@ -783,7 +785,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if r.get("kind") == "evaluate":
       evaluations.update(_table_rows(n, r.get("by_protocol") or {"": r["metrics"]}))
   if evaluations and jax.process_index() == 0:
-    from imagebert_jax.evaluate import format_metrics
+    from imagebert_jax.retrieval.evaluate import format_metrics
     print("Retrieval (Recall@K in %, RSUM):\n" + format_metrics(evaluations), flush=True)
   return results
 

@@ -1,6 +1,6 @@
 """Using a trained ImageBERT: load it from its run folder, embed images and texts, score pairs, rank.
 
-    from imagebert_jax.inference import TrainedModel, Regions
+    from imagebert_jax.retrieval.inference import TrainedModel, Regions
     model = TrainedModel.load("runs/demo")            # a run, stage, checkpoints or step folder
     gallery = model.image_gallery([Regions(features, boxes, image_w, image_h), ...])
     hits = model.rank_images("a red bicycle next to a bench", gallery, k=10, rerank_k=16)
@@ -32,11 +32,14 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from imagebert_jax import checkpoint as ckpt_lib
-from imagebert_jax import config_defaults, parallel, runconfig
-from imagebert_jax import state as state_lib
+from imagebert_jax import parallel
+from imagebert_jax.config import defaults as config_defaults
+from imagebert_jax.config import runconfig
+from imagebert_jax.errors import RunConfigError
 from imagebert_jax.model import ModelConfig
-from imagebert_jax.runconfig import RunConfigError
+from imagebert_jax.model.inputs import region_locations
+from imagebert_jax.training import checkpoint as ckpt_lib
+from imagebert_jax.training import state as state_lib
 
 __all__ = ["Regions", "Gallery", "Hit", "TrainedModel", "RunConfigError", "locate_checkpoint",
            "pack_regions", "region_locations", "two_stage_rank"]
@@ -54,15 +57,6 @@ class Regions:
   image_w: int
   image_h: int
   object_conf: np.ndarray | None = None  # [n] when known: the best are kept beyond max_regions
-
-
-def region_locations(boxes: np.ndarray, image_w: float, image_h: float) -> np.ndarray:
-  """(x1/W, y1/H, x2/W, y2/H, box area / image area), clipped to [0, 1]: float32 [n, 5]."""
-  b = np.asarray(boxes, np.float32).reshape(-1, 4)
-  w, h = np.float32(image_w), np.float32(image_h)
-  x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
-  loc = np.stack([x1 / w, y1 / h, x2 / w, y2 / h, (x2 - x1) * (y2 - y1) / (w * h)], axis=-1)
-  return np.clip(loc, 0.0, 1.0).astype(np.float32)
 
 
 def pack_regions(images: Sequence[Any], max_regions: int,

@@ -1,6 +1,6 @@
 """Throughput of the jitted region detector at the real test-time shape, with random weights.
 
-  python -m imagebert_jax.detector.bench [--batch_size 1] [--steps 3] [--warmup 1]
+  python -m imagebert_jax.bench.detector [--batch_size 1] [--steps 3] [--warmup 1]
 
 Times `detect` (backbone, RPN with NMS, RoI pooling + res5 for all 300 proposals, heads and the
 region selection) on a landscape canvas of min_size x max_size (600 x 1000) after warm-up calls

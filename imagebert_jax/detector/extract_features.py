@@ -3,7 +3,7 @@
   imagebert-extract --images photos/ --weights faster_rcnn_from_caffe_attr.pkl \\
       --output features/ [--shard_index 0 --num_shards 8] [--batch_size 4]
 
-(also `python -m imagebert_jax.extract_features` or `python tools/extract_features.py`). Images,
+(also `python -m imagebert_jax.detector.extract_features` or `python tools/extract_features.py`). Images,
 weights and the output may be local paths or bucket URLs (gs://...).
 
 Input: a folder (searched recursively for .jpg / .jpeg / .png) or a text file with one image path

@@ -1,4 +1,4 @@
-"""Input-pipeline throughput: `python -m imagebert_jax.data.bench`.
+"""Input-pipeline throughput: `python -m imagebert_jax.bench.data`.
 
 Builds (once) a dataset of the paper's shape on local disk (100 regions x 2048 float16 per image,
 5 captions of 40 tokens each) through the regular builder, then reads training batches through the

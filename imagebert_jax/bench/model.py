@@ -32,8 +32,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagebert_jax import allocator, config_defaults, optim, parallel, paths, train
-from imagebert_jax import state as state_lib
+from imagebert_jax import allocator, parallel, paths
+from imagebert_jax.config import defaults as config_defaults
+from imagebert_jax.training import optim
+from imagebert_jax.training import train
+from imagebert_jax.training import state as state_lib
 from imagebert_jax.model import ModelConfig
 from imagebert_jax.objectives.pretraining import PretrainObjective, pretrain_loss
 from imagebert_jax.objectives.retrieval import RetrievalObjective, retrieval_loss
@@ -278,7 +281,7 @@ def _run_fields(model_cfg: ModelConfig, compiled, lower_s: float, compile_s: flo
 def bench_score(config, tile: tuple[int, int], steps: int, warmup: int) -> dict[str, Any]:
   """Cross-encoder scoring throughput, the way evaluation runs: a split on the devices, tiles of
   images x captions formed by indexing there."""
-  from imagebert_jax import evaluate
+  from imagebert_jax.retrieval import evaluate
   model_cfg = train.model_config(config, _VOCAB.value)
   mesh, rules = train.make_mesh(config)
   graphdef, params = state_lib.create_params(model_cfg, mesh, rules, seed=0)
@@ -439,7 +442,7 @@ def main(argv):
             f"(negatives per direction: {mined})")
     elif row["mode"] in ("train", "input"):
       print(f"train: {row['train_gflop_per_sample']:.2f} GFLOP per sample (3 x forward matrix "
-            "products, see imagebert_jax/bench.py)")
+            "products, see imagebert_jax/bench/model.py)")
     else:
       print(f"score: {row['batch']} pairs per step; the Flickr30k 1K test (5M pairs) would take "
             f"{row['flickr30k_1k_minutes']:.1f} min")

@@ -91,7 +91,7 @@ def _scores(r: dict) -> str:
 
 
 def render(results: dict, images: dict[str, dict], *, boxes: bool = False) -> str:
-  """The page for `results` (imagebert_jax.search.query's output); `images` maps an image id to
+  """The page for `results` (imagebert_jax.retrieval.search.query's output); `images` maps an image id to
   its path, boxes and size."""
   thumbs: dict[str, str] = {}
 
