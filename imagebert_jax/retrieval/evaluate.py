@@ -74,7 +74,13 @@ def count_nonfinite(scores: np.ndarray, what: str = "") -> int:
 
 
 def recall(scores: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
-  i2t, t2i = ranks(scores, caption_image)
+  """Recall@K in both directions and their sum, from a score matrix [N images, C captions]."""
+  return recall_from_ranks(*ranks(scores, caption_image))
+
+
+def recall_from_ranks(i2t: np.ndarray, t2i: np.ndarray) -> dict[str, float]:
+  """Recall@K (percent) in both directions and their sum (rsum), from the 0-based rank of the
+  first right answer per image (i2t) and per caption (t2i)."""
   out = {}
   for k in KS:
     out[f"i2t_R@{k}"] = 100.0 * float(np.mean(i2t < k))

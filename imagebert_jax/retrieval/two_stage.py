@@ -40,18 +40,8 @@ RERANK_CHUNKS = "rerank_chunks"
 
 
 # ------------------------------------------------------------------------------------------------
-# Ranks and recall (NumPy).
+# Ranks (NumPy).
 # ------------------------------------------------------------------------------------------------
-def recall_from_ranks(i2t: np.ndarray, t2i: np.ndarray) -> dict[str, float]:
-  out = {}
-  for k in eval_lib.KS:
-    out[f"i2t_R@{k}"] = 100.0 * float(np.mean(i2t < k))
-  for k in eval_lib.KS:
-    out[f"t2i_R@{k}"] = 100.0 * float(np.mean(t2i < k))
-  out["rsum"] = sum(out.values())
-  return out
-
-
 def top_k_masks(first: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   """(i2t, t2i) boolean [N, C]: each image's k best captions, each caption's k best images."""
   n, c = first.shape
@@ -128,8 +118,8 @@ def plan_metrics(pl: Plan, first: np.ndarray, second: np.ndarray,
     for images, captions, i2t, t2i in entries:
       sub = np.ix_(images, captions)
       owner = eval_lib.fold_caption_image(images, captions, caption_image, first.shape[0])
-      results.append(recall_from_ranks(*two_stage_ranks(first[sub], second[sub], i2t, t2i,
-                                                        owner)))
+      ranked = two_stage_ranks(first[sub], second[sub], i2t, t2i, owner)
+      results.append(eval_lib.recall_from_ranks(*ranked))
     by_protocol[p] = {key: float(np.mean([r[key] for r in results])) for key in results[0]}
   metrics = dict(by_protocol[pl.protocols[0]])
   for p in pl.protocols[1:]:
