@@ -27,7 +27,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -153,19 +152,15 @@ def restore_params(state_dir: epath.Path, abstract_params: Any) -> Any:
   """The checkpoint's parameters placed as `abstract_params` says (ShapeDtypeStructs with
   shardings). A checkpoint whose parameters are not exactly the model's is one-line error."""
   try:
-    meta = ckpt_lib.tree_metadata(str(state_dir))
+    diff = ckpt_lib.compare_params(str(state_dir), abstract_params)
+  except ValueError as e:
+    raise RunConfigError(str(e)) from None
   except Exception as e:  # noqa: BLE001 - unreadable: name it in one line
     raise RunConfigError(f"{state_dir}: cannot read the checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-  if "params" not in meta:
-    raise RunConfigError(f"{state_dir}: the checkpoint holds no 'params'")
-  source = ckpt_lib.flatten_paths(meta["params"])
-  target = ckpt_lib.flatten_paths(abstract_params)
-  problems = [f"{'/'.join(k)}: shape {tuple(source[k].shape)} in the checkpoint, "
-              f"{tuple(target[k].shape)} in config.json"
-              for k in target if k in source and tuple(source[k].shape) != tuple(target[k].shape)]
-  missing = sorted("/".join(k) for k in target if k not in source)
-  extra = sorted("/".join(k) for k in source if k not in target)
+  problems = [f"{'/'.join(k)}: shape {s} in the checkpoint, {t} in config.json"
+              for k, s, t in diff.shapes]
+  missing, extra = diff.missing, diff.unexpected
   if missing:
     problems.append(f"not in the checkpoint: {', '.join(missing[:4])}"
                     + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
@@ -176,14 +171,8 @@ def restore_params(state_dir: epath.Path, abstract_params: Any) -> Any:
     raise RunConfigError(f"{state_dir}: the checkpoint does not match the model its config.json "
                          f"describes: {'; '.join(problems[:3])}"
                          + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
-  item = {"params": abstract_params}
-  restore_args = jax.tree.map(
-      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
-      item)
-  restored = ocp.PyTreeCheckpointer().restore(
-      state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                             partial_restore=True))
-  return ckpt_lib.nest_like(ckpt_lib.flatten_paths(restored["params"]), abstract_params)
+  return ckpt_lib.nest_like(ckpt_lib.restore_leaves(str(state_dir), diff.target),
+                            abstract_params)
 
 
 def weights_digest(params: Any) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -256,33 +256,54 @@ def nest_like(flat: dict[tuple, Any], like: Any, prefix: tuple = ()) -> Any:
   return flat[prefix]
 
 
-def load_params(path: str, abstract_params: Any) -> tuple[dict[tuple, Any], list[str], list[str]]:
-  """Restores the parameters of a checkpoint that the target also has, with the target's
-  shardings. Returns (restored leaves by path, target paths the checkpoint lacks, checkpoint
-  paths the target lacks). A parameter whose shape differs is an error naming it."""
-  directory = state_dir(path)
-  checkpointer = ocp.PyTreeCheckpointer()
+class ParamsDiff(NamedTuple):
+  """How a checkpoint's parameters compare with a model's, by path of string keys."""
+  target: dict[tuple, Any]      # the model's abstract parameters
+  shapes: list[tuple]           # (path, checkpoint shape, model shape) where they differ
+  missing: list[str]            # model paths the checkpoint lacks
+  unexpected: list[str]         # checkpoint paths the model lacks
+
+
+def compare_params(directory: str, abstract_params: Any) -> ParamsDiff:
+  """Compares the parameters saved in a state folder with `abstract_params` (metadata only).
+  Raises ValueError when the checkpoint holds no parameters."""
   meta = tree_metadata(directory)
   if "params" not in meta:
     raise ValueError(f"{directory}: the checkpoint holds no 'params'")
   source = flatten_paths(meta["params"])
   target = flatten_paths(abstract_params)
-  bad = [f"{'/'.join(p)}: checkpoint {tuple(source[p].shape)}, model {tuple(target[p].shape)}"
-         for p in target if p in source and tuple(source[p].shape) != tuple(target[p].shape)]
-  if bad:
-    raise ValueError(f"{directory}: parameter shapes differ from the model's: {'; '.join(bad)}")
-  common = {p: target[p] for p in target if p in source}
-  missing = sorted("/".join(p) for p in target if p not in source)
-  unexpected = sorted("/".join(p) for p in source if p not in target)
+  shapes = [(p, tuple(source[p].shape), tuple(target[p].shape)) for p in target
+            if p in source and tuple(source[p].shape) != tuple(target[p].shape)]
+  return ParamsDiff(target, shapes, sorted("/".join(p) for p in target if p not in source),
+                    sorted("/".join(p) for p in source if p not in target))
+
+
+def restore_leaves(directory: str, leaves: dict[tuple, Any]) -> dict[tuple, Any]:
+  """Restores the parameters at `leaves`' paths from a state folder, each placed as its
+  abstract value (ShapeDtypeStruct with sharding) says; the checkpoint's others are not read."""
   item: dict = {}
-  for p, a in common.items():
+  for p, a in leaves.items():
     node = item.setdefault("params", {})
     for k in p[:-1]:
       node = node.setdefault(k, {})
     node[p[-1]] = a
-  restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+  restored = ocp.PyTreeCheckpointer().restore(directory, args=ocp.args.PyTreeRestore(
       item=item, restore_args=jax.tree.map(_restore_args, item), partial_restore=True))
-  return flatten_paths(restored["params"]), missing, unexpected
+  return flatten_paths(restored["params"])
+
+
+def load_params(path: str, abstract_params: Any) -> tuple[dict[tuple, Any], list[str], list[str]]:
+  """Restores the parameters of a checkpoint that the target also has, with the target's
+  shardings. Returns (restored leaves by path, target paths the checkpoint lacks, checkpoint
+  paths the target lacks). A parameter whose shape differs is an error naming it."""
+  directory = state_dir(path)
+  diff = compare_params(directory, abstract_params)
+  if diff.shapes:
+    bad = [f"{'/'.join(p)}: checkpoint {s}, model {t}" for p, s, t in diff.shapes]
+    raise ValueError(f"{directory}: parameter shapes differ from the model's: {'; '.join(bad)}")
+  missing = set(diff.missing)
+  common = {p: a for p, a in diff.target.items() if "/".join(p) not in missing}
+  return restore_leaves(directory, common), diff.missing, diff.unexpected
 
 
 # ------------------------------------------------------------------------------------------------
