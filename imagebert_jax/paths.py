@@ -15,6 +15,7 @@ is closed; the functions here say where that changes what they promise.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -247,7 +248,13 @@ def write_text(p: PathLike, text: str) -> None:
 
 
 def write_json(p: PathLike, value: Any, indent: int | None = 1) -> None:
-  write_text(p, json.dumps(value, indent=indent))
+  """`value` as JSON, ending in a newline, whole or not at all (see write_bytes)."""
+  write_text(p, json.dumps(value, indent=indent) + "\n")
+
+
+def sha256(p: PathLike) -> str:
+  """The SHA-256 of a file's bytes, in hex."""
+  return hashlib.sha256(read_bytes(p)).hexdigest()
 
 
 def save_npy(p: PathLike, array) -> None:

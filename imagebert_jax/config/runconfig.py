@@ -46,20 +46,11 @@ def _plain(value: Any) -> Any:
   return str(value)
 
 
-def _write_json(path: epath.Path, value: dict) -> None:
-  """Whole or not at all (imagebert_jax.paths.write_text)."""
-  paths.makedirs(str(path.parent))
-  paths.write_text(str(path), json.dumps(value, indent=1, sort_keys=False) + "\n")
-
-
 def write_run_config(config: Any, workdir: str) -> epath.Path:
   path = epath.Path(workdir) / CONFIG_FILE
-  _write_json(path, config_to_dict(config))
+  paths.makedirs(workdir)
+  paths.write_json(str(path), config_to_dict(config))
   return path
-
-
-def file_sha256(path: str | epath.Path) -> str:
-  return hashlib.sha256(epath.Path(path).read_bytes()).hexdigest()
 
 
 def write_stage_config(config: Any, name: str, workdir: str, *, vocab_size: int,
@@ -87,7 +78,7 @@ def write_stage_config(config: Any, name: str, workdir: str, *, vocab_size: int,
       "run_config": run,
   }
   path = stage_dir / CONFIG_FILE
-  _write_json(path, value)
+  paths.write_json(str(path), value)
   return path
 
 

@@ -7,7 +7,6 @@ sizes that do not fit, missing files and folders, a mesh or batch that does not 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Any
 
 import jax
@@ -92,9 +91,7 @@ def run_names(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def _digest(path: str) -> str | None:
-  if not paths.isfile(path):
-    return None
-  return hashlib.sha256(paths.read_bytes(path)).hexdigest()
+  return paths.sha256(path) if paths.isfile(path) else None
 
 
 def _validate_data(config, stage, where: str, kind: str, model: ModelConfig) -> None:
