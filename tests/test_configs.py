@@ -31,8 +31,14 @@ def commands(text: str, program: str) -> list[list[str]]:
 
 
 def readme() -> str:
-  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-    return f.read()
+  """README.md and the documents in docs/ it links (the commands are in both)."""
+  docs = os.path.join(ROOT, "docs")
+  texts = []
+  for path in [os.path.join(ROOT, "README.md")] + sorted(
+      os.path.join(docs, n) for n in os.listdir(docs) if n.endswith(".md")):
+    with open(path, encoding="utf-8") as f:
+      texts.append(f.read())
+  return "\n".join(texts)
 
 
 # ------------------------------------------------------------------------------------------------

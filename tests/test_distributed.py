@@ -77,9 +77,9 @@ def test_the_readme_claims_what_this_jax_detects():
   # BaseTpuCluster is the two TPU kinds' base class: registered, never present itself.
   assert detected == {"BaseTpuCluster", "GceTpuCluster", "GkeTpuCluster", "SlurmCluster",
                       "OmpiCluster", "K8sCluster"}, (
-      f"JAX {jax.__version__} detects {sorted(detected)}: update the README's 'Several hosts' "
+      f"JAX {jax.__version__} detects {sorted(detected)}: update docs/several_hosts.md "
       "and imagebert_jax/distributed.py")
   readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "README.md"), encoding="utf-8").read()
+                             "docs", "several_hosts.md"), encoding="utf-8").read()
   for words in ("Cloud TPU VM", "SLURM", "Open MPI", "Kubernetes", f"JAX {jax.__version__}"):
     assert words in readme, words
