@@ -10,14 +10,13 @@ MPI, ...); --coordinator_address, --num_processes and --process_id (or JAX_COORD
 JAX_NUM_PROCESSES, JAX_PROCESS_ID) override it (imagebert_jax/distributed.py).
 """
 
-import logging as logging_lib
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from imagebert_jax import allocator, errors
+from imagebert_jax import allocator, cli, errors
 
 
 def _demo_config() -> str | None:
@@ -61,19 +60,13 @@ def use_compilation_cache(folder: str) -> str:
   return folder
 
 
-class _QuietLibraries(logging_lib.Filter):
-  """Drops the per-save INFO chatter of Orbax (warnings and errors still show)."""
-
-  def filter(self, record):
-    return record.levelno >= logging_lib.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("--config is required (e.g. configs/demo.py of the checkout)")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  # Quiet by default: the libraries' INFO logs only with --verbosity 1 (-v 1).
+  cli.quiet_libraries(logging.get_absl_handler(), flags.FLAGS.verbosity)
   import jax
   cache = use_compilation_cache(_CACHE.value)
   from imagebert_jax import distributed

@@ -130,3 +130,23 @@ def test_runs_keep_compiled_steps_in_the_persistent_cache(tmp_path):
                        env={**env, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(other)})
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == str(other) and any(other.iterdir())
+
+
+def test_commands_are_quiet_by_default():
+  """The commands' log filter: the package's own INFO records (progress) and clu's metric lines
+  pass, a library's INFO does not, every warning does; with verbosity 1 nothing is filtered."""
+  import logging
+  from imagebert_jax import cli
+  here = os.path.join(ROOT, "imagebert_jax", "training", "train.py")
+  lib = os.path.join("/usr", "lib", "python3", "site-packages", "jax", "_src", "xla_bridge.py")
+  clu = os.path.join("/venv", "site-packages", "clu", "metric_writers", "logging_writer.py")
+  record = lambda path, level: logging.LogRecord("x", level, path, 1, "m", None, None)
+  handler = logging.StreamHandler()
+  cli.quiet_libraries(handler, verbosity=0)
+  assert handler.filter(record(here, logging.INFO))
+  assert handler.filter(record(clu, logging.INFO))
+  assert not handler.filter(record(lib, logging.INFO))
+  assert handler.filter(record(lib, logging.WARNING))
+  loud = logging.StreamHandler()
+  cli.quiet_libraries(loud, verbosity=1)
+  assert loud.filter(record(lib, logging.INFO))

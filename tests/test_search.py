@@ -243,14 +243,22 @@ def test_another_model_is_refused(photo_index, demo, tmp_path):
   (other / "config.json").write_text(json.dumps(config))
   with pytest.raises(SystemExit, match="was built with another model"):
     search.main(["query", "--index", index, "--model", str(other), "--query", "a cat"])
-  # Through the command itself: a non-zero exit and one line saying why.
-  run = subprocess.run([sys.executable, "-m", "imagebert_jax.retrieval.search", "query", "--index", index,
-                        "--model", os.path.join(demo, "pretrain"), "--query", "a cat"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+  # Through the command itself: a non-zero exit and one line saying why, nothing else (the
+  # libraries' INFO logs only with -v 1).
+  def refused(*extra):
+    return subprocess.run(
+        [sys.executable, "-m", "imagebert_jax.retrieval.search", "query", "--index", index,
+         "--model", os.path.join(demo, "pretrain"), "--query", "a cat", *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+  run = refused()
   assert run.returncode == 1
-  last = run.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: ") and "built with other weights" in last
+  lines = run.stderr.strip().splitlines()
+  assert len(lines) == 1, run.stderr
+  assert lines[0].startswith("error: ") and "built with other weights" in lines[0]
+  loud = refused("-v", "1")
+  assert loud.stderr.strip().splitlines()[-1] == lines[0]
+  assert " INFO " in loud.stderr  # the libraries' logs, asked for
 
 
 def test_dataset_split_end_to_end(demo, model, tmp_path, browser):

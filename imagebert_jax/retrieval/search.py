@@ -40,7 +40,7 @@ import numpy as np
 from etils import epath
 
 from imagebert_jax import paths
-from imagebert_jax import errors
+from imagebert_jax import cli, errors
 from imagebert_jax.errors import SearchError
 from imagebert_jax.model.inputs import region_locations
 
@@ -515,6 +515,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "one the index was built with).")
   common.add_argument("--stage", default=None, help="With a run folder: the stage to load.")
   common.add_argument("--batch_size", type=int, default=32, help="Pairs or images per call.")
+  common.add_argument("-v", "--verbosity", type=int, default=0,
+                      help="1: the libraries' INFO logs too (default: progress, the answer, "
+                           "warnings and errors).")
   common.add_argument("--detector_weights", default="",
                       help="detectron2-format .pkl of the region detector (for image files).")
   common.add_argument("--detector_config", default="",
@@ -559,6 +562,8 @@ def main(argv: list[str] | None = None) -> dict:
   """Runs the command; returns its summary (build) or results (query). A problem the user can
   fix is a SystemExit with one line."""
   args = parse_args(argv)
+  for handler in logging.getLogger().handlers:
+    cli.quiet_libraries(handler, args.verbosity)
   try:
     return build(args) if args.command == "index" else query(args)
   except errors.Error as e:
