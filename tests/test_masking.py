@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from imagebert_jax.objectives import masking
 
@@ -181,3 +182,18 @@ def test_swap_foils_hand_worked():
     np.testing.assert_array_equal(foils[2], nothing)
   # The two swaps of the first caption, each drawn: objects, or attributes.
   assert seen == {(CLS, 5, 6, 10, 8, 5, 9, 7, SEP, PAD), (CLS, 5, 9, 7, 8, 5, 6, 10, SEP, PAD)}
+
+
+def test_pairwise_rank_loss_against_numpy():
+  from imagebert_jax.objectives.pretraining import PretrainObjective, pairwise_rank_loss
+  pos = np.array([2.0, -1.0, 0.5, 3.0], np.float32)
+  neg = np.array([1.0, 1.0, 0.5, -2.0], np.float32)
+  valid = np.array([True, True, False, True])  # the third pair's "negative" is a match
+  want = np.mean([np.log1p(np.exp(n - p)) for p, n, v in zip(pos, neg, valid) if v])
+  np.testing.assert_allclose(float(pairwise_rank_loss(pos, neg, valid)), want, rtol=1e-6)
+  # A pair ranked right by a wide margin costs almost nothing; ranked wrong, about the margin.
+  assert float(pairwise_rank_loss(np.array([9.0]), np.array([0.0]), np.array([True]))) < 1e-3
+  assert abs(float(pairwise_rank_loss(np.array([0.0]), np.array([9.0]),
+                                      np.array([True]))) - 9.0) < 1e-3
+  with pytest.raises(ValueError, match="itm_rank_weight"):
+    PretrainObjective(itm_rank_weight=1.0).validate()

@@ -78,6 +78,10 @@ class PretrainObjective:
   moc_weight: float = 1.0
   mrfr_weight: float = 1.0
   itm_weight: float = 1.0
+  # With itm_negatives 'hard': each pair's matching logit against its own negative's, as a
+  # ranking (the logistic loss of their difference, BPR / RankNet): the comparison re-ranking
+  # makes, where the binary loss only calibrates each score alone. 0: off (the paper's).
+  itm_rank_weight: float = 0.0
   itc_weight: float = 0.0  # the contrastive loss on the unmasked matched pairs (0: off)
 
   def validate(self) -> None:
@@ -90,6 +94,9 @@ class PretrainObjective:
     if self.itm_inputs not in ("masked", "clean"):
       raise ValueError(f"config.objective.itm_inputs={self.itm_inputs!r}: want 'masked' or "
                        "'clean'")
+    if self.itm_rank_weight and self.itm_negatives != "hard":
+      raise ValueError("config.objective.itm_rank_weight > 0 needs itm_negatives='hard' (each "
+                       "pair is ranked against its own negative)")
     if self.itm_foil_share and self.itm_negatives != "hard":
       raise ValueError("config.objective.itm_foil_share > 0 needs itm_negatives='hard' (a foil "
                        "takes the place of a pair's drawn negative)")
@@ -146,6 +153,12 @@ def moc_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array,
 def mrfr_loss(prediction: jax.Array, target: jax.Array, weights: jax.Array) -> jax.Array:
   per = jnp.mean(jnp.square(prediction - target.astype(jnp.float32)), axis=-1)
   return weighted_mean(per, weights)
+
+
+def pairwise_rank_loss(positive: jax.Array, negative: jax.Array, valid: jax.Array) -> jax.Array:
+  """Mean over the valid pairs of log(1 + exp(negative - positive)): each positive's score
+  ranked above its negative's."""
+  return weighted_mean(jax.nn.softplus(negative - positive), valid.astype(jnp.float32))
 
 
 def itm_loss(logits: jax.Array, labels: jax.Array):
@@ -241,11 +254,17 @@ def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
 
   total = (obj.mlm_weight * l_mlm + obj.moc_weight * l_moc + obj.mrfr_weight * l_mrfr
            + obj.itm_weight * l_itm)
+  l_rank = None
+  if obj.itm_rank_weight:  # rows [0, b): the matched pairs; [b, 2b): pair i's negative
+    l_rank = pairwise_rank_loss(itm_logits[:b], itm_logits[b:], swap.labels[b:] == 0)
+    total = total + obj.itm_rank_weight * l_rank
   metrics = {
       "loss": total, "mlm_loss": l_mlm, "moc_loss": l_moc, "mrfr_loss": l_mrfr,
       "itm_loss": l_itm, "mlm_accuracy": a_mlm, "moc_accuracy": a_moc, "itm_accuracy": a_itm,
       "itm_positive_share": jnp.mean(swap.labels), "itm_score_std": jnp.std(itm_logits),
   }
+  if l_rank is not None:
+    metrics["itm_rank_loss"] = l_rank
   if obj.itm_foil_share:
     metrics["itm_foil_accuracy"] = (jnp.sum(((itm_logits < 0) & foil_rows).astype(jnp.float32))
                                     / jnp.maximum(jnp.sum(foil_rows), 1))
