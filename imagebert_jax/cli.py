@@ -11,8 +11,8 @@ import logging
 import os
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
-# clu's metric writer logs the training's metric lines: progress, kept.
-_PROGRESS = (os.sep + os.path.join("clu", "metric_writers") + os.sep,)
+# clu logs the training's metric lines and its progress report (steps/s, percent done): kept.
+_PROGRESS = (os.sep + "clu" + os.sep,)
 
 
 class QuietLibraries(logging.Filter):
