@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PACKAGE = os.path.dirname(__file__) + os.sep  # a module's __file__ is absolute
 # clu logs the training's metric lines and its progress report (steps/s, percent done): kept.
 _PROGRESS = (os.sep + "clu" + os.sep,)
 

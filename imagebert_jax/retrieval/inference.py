@@ -171,7 +171,7 @@ def restore_params(state_dir: epath.Path, abstract_params: Any) -> Any:
     raise RunConfigError(f"{state_dir}: the checkpoint does not match the model its config.json "
                          f"describes: {'; '.join(problems[:3])}"
                          + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
-  return ckpt_lib.nest_like(ckpt_lib.restore_leaves(str(state_dir), diff.target),
+  return ckpt_lib.nest_like(ckpt_lib.restore_leaves(str(state_dir), diff.common),
                             abstract_params)
 
 

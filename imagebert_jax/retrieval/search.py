@@ -40,8 +40,8 @@ import numpy as np
 from etils import epath
 
 from imagebert_jax import paths
-from imagebert_jax import cli, errors
-from imagebert_jax.errors import SearchError
+from imagebert_jax import cli
+from imagebert_jax.errors import Error, SearchError
 from imagebert_jax.model.inputs import region_locations
 
 log = logging.getLogger("imagebert_jax.retrieval.search")
@@ -566,7 +566,7 @@ def main(argv: list[str] | None = None) -> dict:
     cli.quiet_libraries(handler, args.verbosity)
   try:
     return build(args) if args.command == "index" else query(args)
-  except errors.Error as e:
+  except Error as e:
     raise SystemExit(f"error: {e}") from None
 
 

@@ -258,7 +258,7 @@ def nest_like(flat: dict[tuple, Any], like: Any, prefix: tuple = ()) -> Any:
 
 class ParamsDiff(NamedTuple):
   """How a checkpoint's parameters compare with a model's, by path of string keys."""
-  target: dict[tuple, Any]      # the model's abstract parameters
+  common: dict[tuple, Any]      # the model's abstract parameters that the checkpoint also has
   shapes: list[tuple]           # (path, checkpoint shape, model shape) where they differ
   missing: list[str]            # model paths the checkpoint lacks
   unexpected: list[str]         # checkpoint paths the model lacks
@@ -274,7 +274,8 @@ def compare_params(directory: str, abstract_params: Any) -> ParamsDiff:
   target = flatten_paths(abstract_params)
   shapes = [(p, tuple(source[p].shape), tuple(target[p].shape)) for p in target
             if p in source and tuple(source[p].shape) != tuple(target[p].shape)]
-  return ParamsDiff(target, shapes, sorted("/".join(p) for p in target if p not in source),
+  return ParamsDiff({p: a for p, a in target.items() if p in source}, shapes,
+                    sorted("/".join(p) for p in target if p not in source),
                     sorted("/".join(p) for p in source if p not in target))
 
 
@@ -301,9 +302,7 @@ def load_params(path: str, abstract_params: Any) -> tuple[dict[tuple, Any], list
   if diff.shapes:
     bad = [f"{'/'.join(p)}: checkpoint {s}, model {t}" for p, s, t in diff.shapes]
     raise ValueError(f"{directory}: parameter shapes differ from the model's: {'; '.join(bad)}")
-  missing = set(diff.missing)
-  common = {p: a for p, a in diff.target.items() if "/".join(p) not in missing}
-  return restore_leaves(directory, common), diff.missing, diff.unexpected
+  return restore_leaves(directory, diff.common), diff.missing, diff.unexpected
 
 
 # ------------------------------------------------------------------------------------------------
