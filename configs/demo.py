@@ -86,7 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stages.pretrain.optim.weight_decay = 0.01
   c.stages.pretrain.train.update(dict(
       log_every=4 if smoke else 50, checkpoint_every=6 if smoke else 400, keep_checkpoints=2,
-      eval_every=steps, eval_batches=4, itm_chance_steps=0 if smoke else 500))
+      itm_chance_steps=0 if smoke else 500))
+  c.stages.pretrain.evals.loss.update(dict(every=0, batches=4))  # at the last step
 
   # Retrieval: fine-tune the pretrained model with the paper's three losses and the contrastive
   # one, and evaluate the test split before and after fine-tuning. At pretraining's batch of 128
@@ -107,17 +108,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stages.finetune.objective.update(dict(num_candidates=8, num_hard=1, itc_weight=5.0,
                                             mine_with="itc"))
   c.stages.finetune.train.update(dict(
-      log_every=3 if smoke else 50, checkpoint_every=6 if smoke else 100, keep_checkpoints=1,
-      eval_every=0, eval_batches=2 if smoke else 4))
-  c.stages.finetune.val.max_images = 50
+      log_every=3 if smoke else 50, checkpoint_every=6 if smoke else 100, keep_checkpoints=1))
+  # The loss at the last step; the retrieval validation is off (the evaluations score the test
+  # split after fine-tuning): `evals.val.every=N` turns it on, on the first 50 val images.
+  c.stages.finetune.evals.loss.update(dict(every=0, batches=2 if smoke else 4))
+  c.stages.finetune.evals.val.update(dict(every=-1, max_images=50))
   test_data = data.copy_and_resolve_references()
   test_data.eval_split = "test"
   c.stages.zero_shot = defaults.evaluate_stage(test_data, from_stage="pretrain")
   c.stages.finetuned = defaults.evaluate_stage(test_data, from_stage="finetune")
   for name in ("zero_shot", "finetuned"):
-    c.stages[name].eval.update(dict(tile_images=4, tile_captions=256, chunk_images=40,
-                                    progress=False, rerank_k=0 if smoke else 16,
-                                    protocol="full" if smoke else "5x100"))
+    c.stages[name].evals.retrieval.update(dict(
+        tile_images=4, tile_captions=256, chunk_images=40, progress=False,
+        rerank_k=0 if smoke else 16, protocol="full" if smoke else "5x100"))
   c.run = "pretrain,finetune,zero_shot,finetuned"
   if arg == "minilm":
     from_minilm(c)

@@ -56,7 +56,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       defaults.data_default(train_split="train", eval_split="val"), from_stage="stage2",
       batch_size=24, num_steps=60_000, learning_rate=5e-5)
   c.stages.finetune.data.dir = c.get_ref("flickr_data")
-  c.stages.finetune.val.max_images = 1000  # Flickr30k's whole val split; `test` scores the best
+  # Flickr30k's whole val split; `test` scores the best
+  c.stages.finetune.evals.val.max_images = 1000
   for name, source in (("zero_shot", "stage2"), ("test", "finetune")):
     c.stages[name] = defaults.evaluate_stage(defaults.data_default(eval_split="test"),
                                              from_stage=source, protocol="full")

@@ -92,7 +92,6 @@ def smoke_config():
   config = load_config("demo", "smoke")
   config.unlock()
   config.stages.pretrain.train.update(dict(profile_steps=2, profile_first_step=4))
-  config.stages.finetune.train.eval_every = 3
-  config.stages.finetune.val.max_images = 10
+  config.stages.finetune.evals.val.update(dict(every=3, max_images=10))
   config.lock()
   return config

@@ -122,7 +122,7 @@ def test_a_stage_starts_from_bert(tmp_path):
       num_steps=1, learning_rate=1e-30)
   c.stages.pretrain.init.bert = minilm_dir()
   c.stages.pretrain.optim.update(dict(warmup_steps=0, weight_decay=0.0))
-  c.stages.pretrain.train.update(dict(log_every=1, checkpoint_every=1, eval_every=0))
+  c.stages.pretrain.train.update(dict(log_every=1, checkpoint_every=1))
   c.run = "pretrain"
   train.train_and_evaluate(c, str(tmp_path / "run"))
   saved = ocp.PyTreeCheckpointer().restore(

@@ -45,8 +45,8 @@ TIMING = ("steps_per_sec", "samples_per_sec", "uptime")
 ARGS = ["--config", "configs/demo.py:smoke", "--workdir", RUN,
         "--config.stages.pretrain.train.profile_steps=2",
         "--config.stages.pretrain.train.profile_first_step=4",
-        "--config.stages.finetune.train.eval_every=3",
-        "--config.stages.finetune.val.max_images=10",
+        "--config.stages.finetune.evals.val.every=3",
+        "--config.stages.finetune.evals.val.max_images=10",
         *[f"--config.stages.{s}.data.dir={DATA}" for s in STAGES]]
 
 

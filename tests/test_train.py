@@ -128,7 +128,7 @@ def test_demo_learns_on_realistic_scenes(tmp_path):
   data.synthetic.update(dict(train_images=300, val_images=20, eval_images=0, web_images=0,
                              web=False))
   config.stages.pretrain.train.update(dict(batch_size=32, num_steps=200, log_every=50,
-                                           eval_every=200, checkpoint_every=200,
+                                           checkpoint_every=200,
                                            itm_chance_steps=0))
   config.stages.pretrain.optim.warmup_steps = 30
   config.run = "pretrain"

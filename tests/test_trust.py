@@ -27,7 +27,7 @@ ARGS = ["--config", "configs/demo.py:smoke", "--config.run=pretrain",
         f"--config.stages.pretrain.train.num_steps={STEPS}",
         "--config.stages.pretrain.train.checkpoint_every=5",
         "--config.stages.pretrain.train.log_every=3",
-        "--config.stages.pretrain.train.eval_every=0",
+        "--config.stages.pretrain.evals.loss.every=0",
         "--config.stages.pretrain.train.keep_checkpoints=2",
         "--config.model.num_layers=1", "--config.model.hidden_size=32",
         "--config.model.mlp_dim=64", "--config.model.dropout_rate=0.1"]
@@ -220,7 +220,8 @@ def _tiny_pretrain(num_steps, **train_kw):
   config.run = "pretrain"
   config.model.update(dict(num_layers=1, hidden_size=32, mlp_dim=64))
   config.stages.pretrain.train.update(dict(num_steps=num_steps, log_every=2,
-                                           checkpoint_every=2, eval_every=0, **train_kw))
+                                           checkpoint_every=2, **train_kw))
+  config.stages.pretrain.evals.loss.every = 0
   return config
 
 
@@ -335,7 +336,7 @@ def test_nan_parameters_are_never_checkpointed_and_their_scores_rank_last(tmp_pa
   config.stages.scores = load_config("demo", "smoke").stages.zero_shot
   config.stages.scores.data = config.stages.pretrain.data.copy_and_resolve_references()
   config.stages.scores.init.update(dict(from_stage="", checkpoint=str(nan)))
-  config.stages.scores.eval.update(dict(progress=False, max_images=12))  # > R@10's 10
+  config.stages.scores.evals.retrieval.update(dict(progress=False, max_images=12))  # > R@10's 10
   config.run = "scores"
   with caplog.at_level("WARNING"):
     result = train.train_and_evaluate(config, str(tmp_path))["scores"]
@@ -359,8 +360,8 @@ def test_a_stage_starts_from_the_previous_stage_and_reruns_skip_it(tmp_path):
   config = _tiny_pretrain(4)
   config.stages.second = load_config("demo", "smoke").stages.pretrain
   config.stages.second.update(dict(init=dict(from_stage="pretrain", checkpoint="", bert="")))
-  config.stages.second.train.update(dict(num_steps=2, log_every=1, checkpoint_every=2,
-                                         eval_every=0))
+  config.stages.second.train.update(dict(num_steps=2, log_every=1, checkpoint_every=2))
+  config.stages.second.evals.loss.every = 0
   config.stages.second.optim.update(dict(learning_rate=1e-30, warmup_steps=0,
                                          weight_decay=0.0))
   config.run = "pretrain,second"
@@ -400,14 +401,14 @@ def _errors():
   cases.append((c, r"config.stages.finetune.init.checkpoint='/no/ckpt': no checkpoint there"))
   c = base(); c.stages.zero_shot.init.from_stage = "later"  # noqa: E702
   cases.append((c, r"config.stages.zero_shot.init.from_stage='later': that stage neither runs"))
-  c = base(); c.stages.zero_shot.eval.protocol = "coco2k"  # noqa: E702
-  cases.append((c, r"config.stages.zero_shot.eval.protocol='coco2k'"))
-  c = base(); c.stages.zero_shot.eval.protocol = "full,coco2k"  # noqa: E702
-  cases.append((c, r"config.stages.zero_shot.eval.protocol='full,coco2k': want full, coco1k, "
+  c = base(); c.stages.zero_shot.evals.retrieval.protocol = "coco2k"  # noqa: E702
+  cases.append((c, r"config.stages.zero_shot.evals.retrieval.protocol='coco2k'"))
+  c = base(); c.stages.zero_shot.evals.retrieval.protocol = "full,coco2k"  # noqa: E702
+  cases.append((c, r"config.stages.zero_shot.evals.retrieval.protocol='full,coco2k': want full, coco1k, "
                    r"first1k or <folds>x<images> \(e.g. 5x100\), or several of them separated "
                    r"by commas"))
-  c = base(); c.stages.zero_shot.eval.protocol = "0x100"  # noqa: E702
-  cases.append((c, r"config.stages.zero_shot.eval.protocol='0x100': want full"))
+  c = base(); c.stages.zero_shot.evals.retrieval.protocol = "0x100"  # noqa: E702
+  cases.append((c, r"config.stages.zero_shot.evals.retrieval.protocol='0x100': want full"))
   c = base(); c.stages.finetune.init.from_stage = ""  # noqa: E702
   cases.append((c, r"config.stages.finetune.init: no starting weights; init.checkpoint, "
                    r"init.from_stage and init.bert are all empty. Set init.from_scratch=True"))
@@ -416,8 +417,8 @@ def _errors():
                    r"init.from_stage='pretrain' is set"))
   c = base(); c.stages.finetuned.init.select = "newest"  # noqa: E702
   cases.append((c, r"config.stages.finetuned.init.select='newest': want 'best' or 'last'"))
-  c = base(); c.stages.finetune.val.max_images = -1  # noqa: E702
-  cases.append((c, r"config.stages.finetune.val.max_images=-1"))
+  c = base(); c.stages.finetune.evals.val.max_images = -1  # noqa: E702
+  cases.append((c, r"config.stages.finetune.evals.val.max_images=-1"))
   c = base(); c.stages.pretrain.train.profile_steps = -2  # noqa: E702
   cases.append((c, r"config.stages.pretrain.train.profile_steps=-2"))
   # A retrieval config whose `pretrained` was not given, refused before its data is looked at.

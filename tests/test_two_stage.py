@@ -138,7 +138,7 @@ def test_pair_scores_match_the_model_and_resume(tmp_path):
 
 def test_negative_rerank_k_is_refused(demo_smoke_run, tmp_path):
   config = _evaluation_config(demo_smoke_run, rerank_k=-1)
-  with pytest.raises(ValueError, match=r"config.stages.two_stage.eval.rerank_k=-1"):
+  with pytest.raises(ValueError, match=r"config.stages.two_stage.evals.retrieval.rerank_k=-1"):
     train.train_and_evaluate(config, str(tmp_path))
 
 
@@ -151,8 +151,8 @@ def _evaluation_config(demo_smoke_run, rerank_k):
   # The fine-tuning's best validated checkpoint: what its own evaluation and the API load.
   stage = config_defaults.evaluate_stage(
       data, checkpoint=os.path.join(workdir, "finetune", "best_checkpoint"))
-  stage.eval.update(dict(tile_images=4, tile_captions=32, chunk_images=4, progress=False,
-                         rerank_k=rerank_k))
+  stage.evals.retrieval.update(dict(tile_images=4, tile_captions=32, chunk_images=4,
+                                    progress=False, rerank_k=rerank_k))
   config.stages = ml_collections.ConfigDict({"two_stage": stage})
   config.run = "two_stage"
   return config

@@ -80,7 +80,7 @@ def optim_default(learning_rate: float = 1e-4) -> ConfigDict:
 def train_default(batch_size: int = 48, num_steps: int = 1_000_000) -> ConfigDict:
   return ConfigDict(dict(
       batch_size=batch_size, num_steps=num_steps, grad_accum_steps=1, log_every=100,
-      checkpoint_every=5000, keep_checkpoints=3, eval_every=10_000, eval_batches=50,
+      checkpoint_every=5000, keep_checkpoints=3,
       skip_nonfinite=True, max_nonfinite_in_a_row=20,
       # Alarms (imagebert_jax/training/monitor.py): matching scores whose std across a batch stays below
       # collapse_min_score_std for collapse_patience log intervals; pretraining ITM accuracy
@@ -127,7 +127,43 @@ def pretrain_stage(data: ConfigDict, *, batch_size: int, num_steps: int,
   train.itm_chance_steps = 10_000
   return ConfigDict(dict(
       kind="pretrain", data=data, objective=objective_default(),
-      optim=optim_default(learning_rate), train=train, init=init_default()))
+      optim=optim_default(learning_rate), train=train, init=init_default(),
+      evals=ConfigDict(dict(loss=loss_eval()))))
+
+
+# Evaluators (imagebert_jax/training/evaluators.py): a stage's `evals` maps a name to one of
+# these, by `type`. `every`: every that many steps and at the last step; 0: at the last step
+# only; -1: never.
+def loss_eval(every: int = 10_000, batches: int = 50) -> ConfigDict:
+  """The stage's loss and metrics on `data.eval_split`, over `batches` batches: eval/..."""
+  return ConfigDict(dict(type="loss", every=every, batches=batches))
+
+
+def validation_eval(every: int = 10_000, max_images: int = 100) -> ConfigDict:
+  """Fine-tuning's retrieval on `data.eval_split`: R@1/5/10 and RSUM logged as val/..., and the
+  parameters of the best RSUM kept in <stage>/best_checkpoint. A fixed subset keeps it cheap:
+  the split's first `max_images` images with their captions (0: all of them)."""
+  return ConfigDict(dict(type="validation", every=every, max_images=max_images,
+                         captions_per_image=5, tile_images=8, tile_captions=128))
+
+
+def retrieval_eval(protocol: str = "full") -> ConfigDict:
+  """An evaluation stage's retrieval of `data.eval_split`: the cross-encoder on every pair
+  (`rerank_k` = 0), or on each query's top `rerank_k` after the contrastive embeddings rank
+  every candidate (imagebert_jax.retrieval.two_stage)."""
+  # captions_per_image: each image's first captions in the caption file's order (the Karpathy
+  # protocol's five); 0 keeps all. binding_file: tests of captions against foils of the same
+  # words (imagebert_jax.retrieval.binding); 'auto': the dataset's binding_<eval_split>.jsonl
+  # when it has one; '' none.
+  return ConfigDict(dict(type="retrieval", protocol=protocol, tile_images=8, tile_captions=128,
+                         chunk_images=64, max_images=0, captions_per_image=5, progress=True,
+                         rerank_k=0, binding_file="auto"))
+
+
+EVALUATOR_DEFAULTS = {"loss": loss_eval, "validation": validation_eval,
+                      "retrieval": retrieval_eval}
+EVALUATOR_KINDS = {"loss": ("pretrain", "finetune"), "validation": ("finetune",),
+                   "retrieval": ("evaluate",)}  # the stage kinds each type serves
 
 
 def retrieval_objective_default() -> ConfigDict:
@@ -145,33 +181,16 @@ def finetune_stage(data: ConfigDict, *, from_stage: str = "", checkpoint: str = 
   optim.warmup_steps = min(1000, num_steps // 10)
   return ConfigDict(dict(
       kind="finetune", data=data, objective=retrieval_objective_default(), optim=optim,
-      train=train_default(batch_size, num_steps), val=retrieval_validation_default(),
-      init=init_default(from_stage=from_stage, checkpoint=checkpoint)))
-
-
-def retrieval_validation_default() -> ConfigDict:
-  """Retrieval on `data.eval_split` every `train.eval_every` steps of fine-tuning and at its last
-  step: R@1/5/10 and RSUM logged as val/..., and the parameters of the best RSUM kept in
-  <stage>/best_checkpoint. A fixed subset keeps it cheap: the split's first `max_images` images
-  with their captions (0: all of them)."""
-  return ConfigDict(dict(retrieval=True, max_images=100, captions_per_image=5, tile_images=8,
-                         tile_captions=128))
+      train=train_default(batch_size, num_steps),
+      init=init_default(from_stage=from_stage, checkpoint=checkpoint),
+      evals=ConfigDict(dict(loss=loss_eval(), val=validation_eval()))))
 
 
 def evaluate_stage(data: ConfigDict, *, from_stage: str = "", checkpoint: str = "",
                    protocol: str = "full") -> ConfigDict:
-  """Retrieval evaluation of the split `data.eval_split`: the cross-encoder on every pair
-  (`eval.rerank_k` = 0), or on each query's top `rerank_k` after the contrastive embeddings rank
-  every candidate (imagebert_jax.retrieval.two_stage)."""
+  """An evaluation stage: `evals.retrieval` scores the split `data.eval_split` (retrieval_eval)."""
   return ConfigDict(dict(
-      kind="evaluate", data=data,
-      # captions_per_image: each image's first captions in the caption file's order (the
-      # Karpathy protocol's five); 0 keeps all.
-      # binding_file: tests of captions against foils of the same words (imagebert_jax.retrieval.binding);
-      # 'auto': the dataset's binding_<eval_split>.jsonl when it has one; '' none.
-      eval=ConfigDict(dict(protocol=protocol, tile_images=8, tile_captions=128,
-                           chunk_images=64, max_images=0, captions_per_image=5, progress=True,
-                           rerank_k=0, binding_file="auto")),
+      kind="evaluate", data=data, evals=ConfigDict(dict(retrieval=retrieval_eval(protocol))),
       init=init_default(from_stage=from_stage, checkpoint=checkpoint)))
 
 
@@ -192,8 +211,9 @@ def retrieval_run(data_dir: str, *, train_split: str, num_steps: int, eval_every
                       eval_split="val")
   c.stages.finetune = finetune_stage(data, checkpoint=c.get_ref("pretrained"), batch_size=24,
                                      num_steps=num_steps, learning_rate=5e-5)
-  c.stages.finetune.train.update(dict(eval_every=eval_every, checkpoint_every=2000))
-  c.stages.finetune.val.max_images = 1000
+  c.stages.finetune.train.checkpoint_every = 2000
+  c.stages.finetune.evals.loss.every = eval_every
+  c.stages.finetune.evals.val.update(dict(every=eval_every, max_images=1000))
   for name, (weights, protocol) in evaluations.items():
     stage = evaluate_stage(data_default(directory=c.get_ref("data_dir"), eval_split="test"),
                            protocol=protocol)
@@ -202,7 +222,7 @@ def retrieval_run(data_dir: str, *, train_split: str, num_steps: int, eval_every
     else:
       stage.init.from_stage = weights
       stage.init.select = "best"
-    stage.eval.chunk_images = 40
+    stage.evals.retrieval.chunk_images = 40
     c.stages[name] = stage
   c.run = run
   return c

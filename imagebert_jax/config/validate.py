@@ -124,12 +124,13 @@ def _validate_data(config, stage, where: str, kind: str, model: ModelConfig) -> 
       raise ConfigError(f"{where}.data.eval_split is empty: name the split to score")
     info = infos[dirs[0]]
     images = sum(info["splits"][n]["records"] for n in pipeline._split_names(split))
-    if stage.eval.max_images:
-      images = min(images, stage.eval.max_images)
-    need = max((protocol_images(p) for p in protocol_names(stage.eval.protocol)), default=0)
-    if images < need:
-      raise ConfigError(f"{where}.eval.protocol={stage.eval.protocol!r} needs {need} images; "
-                        f"{split!r} of {dirs[0]} gives {images}")
+    for ev_name, ev in stage.evals.items():
+      if ev.max_images:
+        images = min(images, ev.max_images)
+      need = max((protocol_images(p) for p in protocol_names(ev.protocol)), default=0)
+      if images < need:
+        raise ConfigError(f"{where}.evals.{ev_name}.protocol={ev.protocol!r} needs {need} images; "
+                          f"{split!r} of {dirs[0]} gives {images}")
   # One vocabulary: the one the datasets were tokenized with.
   vocabs = {d: _digest(records.vocab_path(d, info))
             for d, info in infos.items()}
@@ -153,6 +154,60 @@ def _validate_data(config, stage, where: str, kind: str, model: ModelConfig) -> 
         "class_probs_dim"):
       raise ConfigError(f"{where}.objective.moc_loss='kl': {d} stores no class distributions "
                         "(build it with --class_probs_dim)")
+
+
+def _validate_evals(stage, where: str, kind: str) -> None:
+  """A stage's evaluators (imagebert_jax/training/evaluators.py): each of a type that serves the
+  stage's kind, with that type's keys and sensible values; an evaluation stage has at least one."""
+  evals = stage.get("evals")
+  if evals is None or not isinstance(evals, ml_collections.ConfigDict):
+    raise ConfigError(f"{where}.evals: want a ConfigDict of evaluators by name (e.g. "
+                      "config_defaults.loss_eval())")
+  serve = [t for t, kinds in config_defaults.EVALUATOR_KINDS.items() if kind in kinds]
+  if kind == "evaluate" and not evals:
+    raise ConfigError(f"{where}.evals is empty: an evaluation stage runs at least one "
+                      "evaluator (config_defaults.retrieval_eval())")
+  for one in config_defaults.EVALUATOR_DEFAULTS:
+    named = [n for n, ev in evals.items()
+             if isinstance(ev, ml_collections.ConfigDict) and ev.get("type") == one]
+    if len(named) > 1:
+      raise ConfigError(f"{where}.evals: {named} are all of type {one!r}; a stage takes one of "
+                        "each type (they log under one prefix; a stage keeps one best checkpoint "
+                        "and writes one metrics.json)")
+  for name, ev in evals.items():
+    at = f"{where}.evals.{name}"
+    kind_of = ev.get("type") if isinstance(ev, ml_collections.ConfigDict) else None
+    if kind_of not in serve:
+      raise ConfigError(f"{at}.type={kind_of!r}: a {kind} stage takes evaluators of type "
+                        f"{serve}")
+    _unknown(ev, config_defaults.EVALUATOR_DEFAULTS[ev.type](), at)
+    if ev.get("every", 0) < -1:
+      raise ConfigError(f"{at}.every={ev.every}: want N > 0 (every N steps and the last), 0 "
+                        "(the last step only) or -1 (never)")
+    for key in ("tile_images", "tile_captions", "chunk_images", "batches"):
+      if key in ev and ev[key] < 1:
+        raise ConfigError(f"{at}.{key}={ev[key]}: want a positive number")
+    for key in ("max_images", "captions_per_image"):
+      if key in ev and ev[key] < 0:
+        raise ConfigError(f"{at}.{key}={ev[key]}: want 0 (all) or more")
+    if ev.type != "retrieval":
+      continue
+    names = protocol_names(ev.protocol)
+    try:
+      for p in names:
+        protocol_images(p)
+    except ValueError:
+      names = []
+    if not names:
+      raise ConfigError(f"{at}.protocol={ev.protocol!r}: {PROTOCOL_HELP}, or several of them "
+                        "separated by commas")
+    binding = ev.get("binding_file", "auto")
+    if binding not in ("auto", "") and not paths.isfile(binding):
+      raise ConfigError(f"{at}.binding_file={binding!r}: no such file ('auto' takes the "
+                        "dataset's binding_<split>.jsonl when it has one, '' none)")
+    if ev.get("rerank_k", 0) < 0:
+      raise ConfigError(f"{at}.rerank_k={ev.rerank_k}: want 0 (the cross-encoder on every pair) "
+                        "or a positive number of candidates per query")
 
 
 def _validate_init(config, stage, where: str, kind: str) -> None:
@@ -193,31 +248,8 @@ def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: 
   _unknown(stage.data.synthetic, reference.data.synthetic, f"{where}.data.synthetic")
   _unknown(stage.init, reference.init, f"{where}.init")
   _validate_init(config, stage, where, kind)
-  if kind == "evaluate":
-    _unknown(stage.eval, reference.eval, f"{where}.eval")
-    names = protocol_names(stage.eval.protocol)
-    try:
-      for p in names:
-        protocol_images(p)
-    except ValueError:
-      names = []
-    if not names:
-      raise ConfigError(f"{where}.eval.protocol={stage.eval.protocol!r}: {PROTOCOL_HELP}, or "
-                        "several of them separated by commas")
-    for key in ("tile_images", "tile_captions", "chunk_images"):
-      if stage.eval[key] < 1:
-        raise ConfigError(f"{where}.eval.{key}={stage.eval[key]}: want a positive number")
-    if stage.eval.captions_per_image < 0:
-      raise ConfigError(f"{where}.eval.captions_per_image={stage.eval.captions_per_image}: want "
-                        "0 (all) or more")
-    binding = stage.eval.get("binding_file", "auto")
-    if binding not in ("auto", "") and not paths.isfile(binding):
-      raise ConfigError(f"{where}.eval.binding_file={binding!r}: no such file ('auto' takes the "
-                        "dataset's binding_<split>.jsonl when it has one, '' none)")
-    if stage.eval.get("rerank_k", 0) < 0:
-      raise ConfigError(f"{where}.eval.rerank_k={stage.eval.rerank_k}: want 0 (the cross-encoder "
-                        "on every pair) or a positive number of candidates per query")
-  else:
+  _validate_evals(stage, where, kind)
+  if kind != "evaluate":
     _unknown(stage.optim, reference.optim, f"{where}.optim")
     _unknown(stage.train, reference.train, f"{where}.train")
     extra = sorted(_keys(stage.objective) - _objective_fields(kind))
@@ -245,14 +277,6 @@ def _validate_stage(config, name: str, earlier: list[str], workdir: str, model: 
                         f"{jax.process_count()} processes")
     if stage.optim.learning_rate <= 0:
       raise ConfigError(f"{where}.optim.learning_rate={stage.optim.learning_rate}: want > 0")
-    if kind == "finetune":
-      _unknown(stage.val, reference.val, f"{where}.val")
-      for key in ("tile_images", "tile_captions"):
-        if stage.val[key] < 1:
-          raise ConfigError(f"{where}.val.{key}={stage.val[key]}: want a positive number")
-      for key in ("max_images", "captions_per_image"):
-        if stage.val[key] < 0:
-          raise ConfigError(f"{where}.val.{key}={stage.val[key]}: want 0 (all) or more")
 
   # Data.
   syn = stage.data.synthetic

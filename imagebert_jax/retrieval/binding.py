@@ -14,7 +14,7 @@ embeddings' cosine; the final ranking's score, the logit plus `retrieval_itc_wei
 contrastive logit), the share of tests whose true caption scores higher than its foil, in percent
 (chance 50), and the share of ties (a bag of words ties on every test). The realistic scene
 generator writes such a file for each evaluation split (`binding_<split>.jsonl`, copied into the
-built dataset), and the evaluation stage scores the one of its split (`eval.binding_file`).
+built dataset), and the evaluation stage scores the one of its split (`evals.retrieval.binding_file`).
 """
 
 from __future__ import annotations

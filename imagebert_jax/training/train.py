@@ -13,7 +13,6 @@ import os
 import signal
 import tempfile
 import threading
-import time
 from typing import Any
 
 import jax
@@ -22,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from imagebert_jax.training import checkpoint as ckpt_lib
+from imagebert_jax.training import evaluators as evaluators_lib
 from imagebert_jax.training import metrics as metrics_lib
 from imagebert_jax.training import monitor as monitor_lib
 from imagebert_jax import parallel, paths
@@ -325,46 +325,6 @@ def with_feature_statistics(name: str, params: Any, model_cfg: ModelConfig, data
   return {**params, "region_feature_mean": place(mean, m), "region_feature_scale": place(scale, s)}
 
 
-def retrieval_validation(stage: ml_collections.ConfigDict, name: str, data_dir: str, ids,
-                         model_cfg: ModelConfig, spec: state_lib.StateSpec,
-                         stage_dir: str) -> Any | None:
-  """Fine-tuning's validation: `validate(params, step) -> {'val/...': value}` scores every pair
-  of a fixed subset of `data.eval_split` (stage.val) with the matching head, and keeps the
-  parameters of the best RSUM in <stage>/best_checkpoint (`validate.best`). None when the stage
-  does not validate (not fine-tuning, val.retrieval off, eval_every 0, or no eval split)."""
-  val = stage.val if stage.kind == "finetune" else None
-  if not val or not val.retrieval or not stage.train.eval_every or not stage.data.eval_split:
-    return None
-  from imagebert_jax.retrieval import evaluate as eval_lib
-  from imagebert_jax.data import pipeline, records
-  dirs = [d for d in pipeline.data_dirs(data_dir)
-          if pipeline.has_split(records.read_info(d), stage.data.eval_split)]
-  split = eval_lib.load_split(dirs[0], stage.data.eval_split,
-                              max_text_len=model_cfg.max_text_len,
-                              max_regions=model_cfg.max_regions, pad_id=ids.pad_id,
-                              sep_id=ids.sep_id, max_images=val.max_images or None,
-                              captions_per_image=val.captions_per_image)
-  logging.info("[%s] retrieval validation every %d steps on %s of %s: %d images x %d captions",
-               name, stage.train.eval_every, stage.data.eval_split, dirs[0], split.num_images,
-               split.num_captions)
-  scorer = eval_lib.SplitScorer(split, spec.graphdef, spec.mesh, spec.rules, pad_id=ids.pad_id,
-                                tile_images=val.tile_images, tile_captions=val.tile_captions)
-  best = ckpt_lib.BestCheckpoint(paths.join(stage_dir, ckpt_lib.BEST_DIR), "rsum")
-
-  def validate(params, step: int) -> dict[str, float]:
-    scores = scorer.rows(params, 0, split.num_images)
-    metrics = eval_lib.recall(scores, split.caption_image)
-    metrics["nonfinite_scores"] = eval_lib.count_nonfinite(
-        scores, f"[{name}] validation at step {step}")
-    if best.consider(step, params, metrics["rsum"]):
-      logging.info("[%s] step %d: validation RSUM %.2f, the best so far: kept in %s", name, step,
-                   metrics["rsum"], best.directory)
-    return {f"val/{k}": v for k, v in metrics.items()}
-
-  validate.best = best
-  return validate
-
-
 class Preempted(Exception):
   """Training stopped cleanly on SIGTERM after checkpointing."""
 
@@ -416,322 +376,296 @@ def _preemption_service_running() -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
+# A stage's set-up, in small steps.
+# ------------------------------------------------------------------------------------------------
+def stage_context(config: ml_collections.ConfigDict, name: str,
+                  workdir: str) -> evaluators_lib.Context:
+  """The stage's data (generated or built when asked), vocabulary, model config and mesh; the
+  stage folder with its config.json."""
+  from imagebert_jax.data import pipeline
+  from imagebert_jax.data.tokenizer import special_ids
+  stage = config.stages[name]
+  paths.makedirs(paths.join(workdir, name))
+  pipeline.hide_gpus_from_tf()
+  data_dir, vocab = prepare_data(config, stage.data, workdir)
+  ids = special_ids(vocab)
+  model_cfg = model_config(config, ids.vocab_size)
+  describe_stage(config, name, workdir, model_cfg, vocab, data_dir)
+  mesh, rules = make_mesh(config)
+  return evaluators_lib.Context(config=config, name=name, workdir=workdir, data_dir=data_dir,
+                                vocab=vocab, ids=ids, model_cfg=model_cfg, graphdef=None,
+                                mesh=mesh, rules=rules)
+
+
+def stage_objective(ctx: evaluators_lib.Context):
+  """The training stage's objective; masked object classification off (with a warning) where
+  the data has no object labels."""
+  from imagebert_jax.data import pipeline, records
+  stage, name = ctx.stage, ctx.name
+  wants_words = any(stage.objective.get(k) for k in ("mlm_visual_share", "itm_foil_share",
+                                                      "foil_share"))
+  obj = objective_for(stage.kind, stage.objective, ctx.ids,
+                      detector_words(ctx.data_dir, ctx.vocab) if wants_words else DetectorWords())
+  labelled = [records.read_info(d)["options"].get("has_object_labels", True)
+              for d in pipeline.data_dirs(ctx.data_dir)]
+  if stage.kind == "pretrain" and obj.moc_weight and not any(labelled):
+    logging.warning("[%s] %s has no object class labels (its region features came without "
+                    "them): masked object classification is off for this stage", name,
+                    ctx.data_dir)
+    obj = dataclasses.replace(obj, moc_weight=0.0)
+  elif stage.kind == "pretrain" and not all(labelled):
+    logging.warning("[%s] some of %s has no object class labels: masked object classification "
+                    "counts only the labelled regions", name, ctx.data_dir)
+  return obj
+
+
+def train_pipeline(ctx: evaluators_lib.Context, obj) -> Any:
+  """The input pipeline's settings for the stage's training split."""
+  from imagebert_jax.data import pipeline
+  stage, ids, m = ctx.stage, ctx.ids, ctx.model_cfg
+  return pipeline.PipelineConfig(
+      data_dir=ctx.data_dir, split=stage.data.train_split, batch_size=stage.train.batch_size,
+      max_text_len=m.max_text_len, max_regions=m.max_regions, pad_id=ids.pad_id,
+      sep_id=ids.sep_id, seed=ctx.config.seed, shuffle_buffer=stage.data.shuffle_buffer,
+      pair_shuffle_buffer=stage.data.pair_shuffle_buffer,
+      with_class_probs=stage.kind == "pretrain" and obj.moc_loss == "kl",
+      threadpool_size=stage.data.threadpool_size, ram_budget_gb=stage.data.ram_budget_gb,
+      prefetch=stage.data.prefetch)
+
+
+def initial_state(ctx: evaluators_lib.Context, spec, tx, checkpointer) -> Any:
+  """The stage's latest checkpoint when it has one (a resumed run); else a fresh state, with the
+  parameters another stage or checkpoint (or BERT) gives, and the feature statistics set."""
+  stage, name, seed = ctx.stage, ctx.name, ctx.config.seed
+  state, latest = checkpointer.restore_latest(spec.abstract)
+  if state is not None:
+    logging.info("[%s] resuming from step %d", name, latest)
+  elif init_source(stage, ctx.workdir) or stage.init.bert:
+    _, fresh = state_lib.create_params(ctx.model_cfg, ctx.mesh, ctx.rules, seed=seed)
+    params = starting_params(name, stage, ctx.workdir, ctx.model_cfg, spec.abstract.params, fresh)
+    params = with_feature_statistics(name, params, ctx.model_cfg, ctx.data_dir,
+                                     stage.data.train_split)
+    state = state_lib.state_with_params(spec, tx, params)
+  else:
+    state = state_lib.create_state(spec, ctx.model_cfg, tx, seed=seed)
+    state = state.replace(params=with_feature_statistics(
+        name, state.params, ctx.model_cfg, ctx.data_dir, stage.data.train_split))
+  state_lib.log_param_count(state.params)
+  if stage.optim.get("lr_scale", ""):
+    optim.lr_scale_tree(state.params, stage.optim.lr_scale)  # a pattern naming nothing: refused
+  return state
+
+
+def make_steps(ctx: evaluators_lib.Context, spec, tx, schedule, obj) -> tuple[Any, Any]:
+  """The jitted (train_step, eval_step) of the stage's loss."""
+  tcfg, seed = ctx.stage.train, ctx.config.seed
+  loss_fn = pretrain_loss if ctx.stage.kind == "pretrain" else retrieval_loss
+  train_step = state_lib.make_train_step(
+      spec, functools.partial(loss_fn, obj=obj, train=True), tx, seed=seed,
+      grad_accum_steps=tcfg.grad_accum_steps, schedule=schedule,
+      skip_nonfinite=tcfg.skip_nonfinite)
+  eval_step = state_lib.make_eval_step(spec, functools.partial(loss_fn, obj=obj, train=False),
+                                       seed=seed + 1)
+  return train_step, eval_step
+
+
+def check_finite(values: dict, step: int, ctx: evaluators_lib.Context) -> None:
+  """Stops the stage on a non-finite update when skipping is off, or on too many in a row."""
+  tcfg, name = ctx.stage.train, ctx.name
+  in_a_row = int(values["nonfinite_in_a_row"])
+  if in_a_row and not tcfg.skip_nonfinite:
+    raise FloatingPointError(
+        f"[{name}] step {step}: the loss or the gradients are not finite "
+        f"(config.stages.{name}.train.skip_nonfinite=False); stopping")
+  if in_a_row >= tcfg.max_nonfinite_in_a_row:
+    raise FloatingPointError(
+        f"[{name}] step {step}: {in_a_row} updates in a row had a non-finite loss or gradient "
+        f"and were skipped (config.stages.{name}.train.max_nonfinite_in_a_row="
+        f"{tcfg.max_nonfinite_in_a_row}); stopping")
+
+
+class Logbook:
+  """A training stage's record: each step's metrics (read from the device one step late, so it
+  never waits), their means every log interval (metrics.jsonl, TensorBoard, the learning
+  monitor's alarms), the evaluators' figures and the progress reports."""
+
+  def __init__(self, ctx: evaluators_lib.Context, start_step: int):
+    tcfg = ctx.stage.train
+    self.ctx = ctx
+    self.writer = metrics_lib.Writer(ctx.workdir, ctx.name)
+    self.monitor = monitor_lib.LearningMonitor(ctx.name,
+                                               monitor_lib.MonitorConfig.from_config(tcfg))
+    self.progress = metrics_lib.Progress(
+        logdir=ctx.stage_dir, num_steps=tcfg.num_steps, start_step=start_step,
+        every_steps=tcfg.log_every, batch_size=tcfg.batch_size,
+        profile_steps=tcfg.profile_steps, profile_first_step=tcfg.profile_first_step)
+    self.history: list[dict] = []  # this log interval's per-step metrics (host values)
+    self.pending = None            # the last step's metrics, still on the device
+    self.first = self.last = None  # the first and last log interval's means
+    self.evals: dict[str, float] = {}  # the evaluators' figures at the last step
+
+  def step(self, step: int, metrics, read_now: bool) -> None:
+    """Notes a dispatched step: reads the one before it, and this one too when `read_now`."""
+    self.progress(step)
+    if self.pending is not None:
+      self._read(self.pending, step - 1)
+    self.pending = metrics
+    if read_now:
+      self._read(self.pending, step)
+      self.pending = None
+
+  def _read(self, metrics, step: int) -> None:
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    self.history.append(values)
+    check_finite(values, step, self.ctx)
+
+  def log(self, step: int) -> None:
+    scalars = metrics_lib.mean_metrics(self.history)
+    self.history = []
+    scalars.update(self.progress.timings())
+    scalars.update(self.monitor.check(step, scalars))
+    self.writer.scalars(step, scalars)
+    self.first = self.first or scalars
+    self.last = scalars
+
+  def evaluate(self, evaluators: dict, params, step: int) -> None:
+    """Runs the evaluators due at `step` and writes their figures."""
+    for evaluator in evaluators.values():
+      if evaluators_lib.itstime(evaluator.every, step, self.ctx.stage.train.num_steps):
+        with self.progress.timed("eval"):
+          figures = evaluator.run(params, step)
+        self.writer.scalars(step, figures)
+        self.evals.update(figures)
+
+  def close(self) -> None:
+    self.progress.close()
+    self.writer.close()
+
+
+class TrainData:
+  """The training batches, resumable: the input pipeline's position (and the log interval's
+  metrics so far) is saved beside each checkpoint and restored with it."""
+
+  def __init__(self, ctx: evaluators_lib.Context, start_step: int, book: Logbook):
+    from imagebert_jax.data import pipeline
+    self.ctx, self.saved = ctx, ckpt_lib.DataState(ctx.stage_dir)
+    has_state = bool(start_step) and self.saved.has(start_step)
+    pipe = ctx.pipe
+    if start_step and not has_state:
+      logging.warning("[%s] no input-pipeline state saved for step %d: the data order restarts "
+                      "(seeded by the step), so this run will not repeat an uninterrupted one "
+                      "exactly", ctx.name, start_step)
+      pipe = dataclasses.replace(pipe, seed=ctx.config.seed + start_step)
+    self.batches = pipeline.TrainIterator(pipeline.train_dataset(pipe))
+    if has_state:
+      book.history = self.saved.restore(start_step, self.batches)
+
+  def next(self):
+    return parallel.global_batch(next(self.batches), self.ctx.mesh, self.ctx.rules)
+
+  def checkpoint(self, step: int, state, checkpointer, book: Logbook) -> None:
+    """Saves the state and, beside it, the data position; refuses non-finite parameters."""
+    if not bool(jax.device_get(state_lib.all_finite(state.params))):
+      raise FloatingPointError(f"[{self.ctx.name}] step {step}: the parameters are not finite; "
+                               "not checkpointing them")
+    self.saved.save(step, self.batches, book.history)
+    checkpointer.save(step, state)
+    self.saved.prune(checkpointer.all_steps() + [step])
+
+
+def finish_stage(ctx: evaluators_lib.Context, step: int, book: Logbook, evaluators: dict,
+                 checkpointer) -> dict:
+  """Closes the stage's writers; its summary (DONE.json), printed for pretraining."""
+  book.close()
+  checkpointer.close()
+  summary = {"kind": ctx.stage.kind, "final_step": step, "train_first": book.first,
+             "train_last": book.last, "eval": book.evals, "alarms": book.monitor.alarms}
+  for evaluator in evaluators.values():
+    summary.update(evaluator.summary())
+    evaluator.close()
+  if ctx.stage.kind == "pretrain":
+    ids = ctx.ids
+    summary["chance"] = {
+        "mlm_accuracy": 1.0 / (ids.random_token_range[1] - ids.random_token_range[0]),
+        "moc_accuracy": 1.0 / ctx.model_cfg.num_object_classes}
+    print_pretrain_summary(ctx.name, summary)
+  mark_done(ctx.workdir, ctx.name, summary)
+  return summary
+
+
+# ------------------------------------------------------------------------------------------------
 # Training stages: pretraining and retrieval fine-tuning share this loop.
 # ------------------------------------------------------------------------------------------------
 def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> dict:
   """Runs (or resumes) one training stage; returns its summary."""
-  stage = config.stages[name]
-  kind = stage.kind
-  stage_dir = paths.join(workdir, name)
-  paths.makedirs(stage_dir)
-  tcfg = stage.train
-
-  # ---- Data -------------------------------------------------------------------------------
-  from imagebert_jax.data import pipeline, records
-  from imagebert_jax.data.tokenizer import special_ids
-  pipeline.hide_gpus_from_tf()
-  data_dir, vocab = prepare_data(config, stage.data, workdir)
-  ids = special_ids(vocab)
-  model_cfg = model_config(config, ids.vocab_size)
-  describe_stage(config, name, workdir, model_cfg, vocab, data_dir)
-  wants_words = any(stage.objective.get(k) for k in ("mlm_visual_share", "itm_foil_share",
-                                                      "foil_share"))
-  obj = objective_for(kind, stage.objective, ids,
-                      detector_words(data_dir, vocab) if wants_words else DetectorWords())
-  labelled = [records.read_info(d)["options"].get("has_object_labels", True)
-              for d in pipeline.data_dirs(data_dir)]
-  if kind == "pretrain" and obj.moc_weight and not any(labelled):
-    logging.warning("[%s] %s has no object class labels (its region features came without "
-                    "them): masked object classification is off for this stage", name, data_dir)
-    obj = dataclasses.replace(obj, moc_weight=0.0)
-  elif kind == "pretrain" and not all(labelled):
-    logging.warning("[%s] some of %s has no object class labels: masked object classification "
-                    "counts only the labelled regions", name, data_dir)
-  pipe = pipeline.PipelineConfig(
-      data_dir=data_dir, split=stage.data.train_split, batch_size=tcfg.batch_size,
-      max_text_len=model_cfg.max_text_len, max_regions=model_cfg.max_regions,
-      pad_id=ids.pad_id, sep_id=ids.sep_id, seed=config.seed,
-      shuffle_buffer=stage.data.shuffle_buffer, pair_shuffle_buffer=stage.data.pair_shuffle_buffer,
-      with_class_probs=kind == "pretrain" and obj.moc_loss == "kl",
-      threadpool_size=stage.data.threadpool_size, ram_budget_gb=stage.data.ram_budget_gb,
-      prefetch=stage.data.prefetch)
-
-  # ---- Mesh, model, optimizer ---------------------------------------------------------------
-  mesh, rules = make_mesh(config)
-  tx, schedule = optim.make_optimizer(stage.optim, tcfg.num_steps)
-  spec = state_lib.state_spec(model_cfg, tx, mesh, rules, seed=config.seed)
-
-  # ---- Checkpoint: resume, or start (from another stage's parameters when asked) ------------
-  checkpointer = ckpt_lib.Checkpointer(paths.join(stage_dir, "checkpoints"),
+  ctx = stage_context(config, name, workdir)
+  tcfg = ctx.stage.train
+  obj = stage_objective(ctx)
+  ctx.pipe = train_pipeline(ctx, obj)
+  tx, schedule = optim.make_optimizer(ctx.stage.optim, tcfg.num_steps)
+  spec = state_lib.state_spec(ctx.model_cfg, tx, ctx.mesh, ctx.rules, seed=config.seed)
+  ctx.graphdef = spec.graphdef
+  checkpointer = ckpt_lib.Checkpointer(paths.join(ctx.stage_dir, "checkpoints"),
                                        keep=tcfg.keep_checkpoints)
-  data_state = ckpt_lib.DataState(stage_dir)
-  state, latest = checkpointer.restore_latest(spec.abstract)
-  if state is not None:
-    logging.info("[%s] resuming from step %d", name, latest)
-  elif init_source(stage, workdir) or stage.init.bert:
-    _, fresh = state_lib.create_params(model_cfg, mesh, rules, seed=config.seed)
-    params = starting_params(name, stage, workdir, model_cfg, spec.abstract.params, fresh)
-    params = with_feature_statistics(name, params, model_cfg, data_dir, stage.data.train_split)
-    state = state_lib.state_with_params(spec, tx, params)
-  else:
-    state = state_lib.create_state(spec, model_cfg, tx, seed=config.seed)
-    state = state.replace(params=with_feature_statistics(
-        name, state.params, model_cfg, data_dir, stage.data.train_split))
-  state_lib.log_param_count(state.params)
-  if stage.optim.get("lr_scale", ""):
-    optim.lr_scale_tree(state.params, stage.optim.lr_scale)  # a pattern naming nothing: refused
-  start_step = int(jax.device_get(state.step))
-
-  # ---- Steps ----------------------------------------------------------------------------------
-  loss_fn = pretrain_loss if kind == "pretrain" else retrieval_loss
-  train_step = state_lib.make_train_step(
-      spec, functools.partial(loss_fn, obj=obj, train=True), tx, seed=config.seed,
-      grad_accum_steps=tcfg.grad_accum_steps, schedule=schedule,
-      skip_nonfinite=tcfg.skip_nonfinite)
-  eval_step = state_lib.make_eval_step(spec, functools.partial(loss_fn, obj=obj, train=False),
-                                       seed=config.seed + 1)
-
-  def evaluate(params) -> dict[str, float]:
-    if not stage.data.eval_split:
-      return {}
-    ecfg = dataclasses.replace(pipe, split=stage.data.eval_split, seed=config.seed)
-    history = []
-    # The losses are means over batches, so only batches without padding rows count.
-    for i, batch in enumerate(pipeline.as_numpy(
-        pipeline.eval_dataset(ecfg, max_batches=tcfg.eval_batches, whole_only=True))):
-      del batch["mask"]
-      history.append(eval_step(params, parallel.global_batch(batch, mesh, rules), i))
-    if not history:
-      logging.warning("[%s] the split %r has fewer pairs than one batch of %d: no evaluation",
-                      name, stage.data.eval_split, tcfg.batch_size)
-    return {f"eval/{k}": v for k, v in metrics_lib.mean_metrics(history).items()}
-
-  validation = retrieval_validation(stage, name, data_dir, ids, model_cfg, spec, stage_dir)
-
-  # ---- Loop -----------------------------------------------------------------------------------
-  writer = metrics_lib.Writer(workdir, name)
-  monitor = monitor_lib.LearningMonitor(name, monitor_lib.MonitorConfig.from_config(tcfg))
-  history: list[dict] = []  # this log interval's per-step metrics (host values)
-  data_saved = bool(start_step) and data_state.has(start_step)
-  train_pipe = pipe
-  if start_step and not data_saved:
-    logging.warning("[%s] no input-pipeline state saved for step %d: the data order restarts "
-                    "(seeded by the step), so this run will not repeat an uninterrupted one "
-                    "exactly", name, start_step)
-    train_pipe = dataclasses.replace(pipe, seed=config.seed + start_step)
-  batches = pipeline.TrainIterator(pipeline.train_dataset(train_pipe))
-  if data_saved:
-    history = data_state.restore(start_step, batches)
-
-  def save(step: int, state) -> None:
-    if not bool(jax.device_get(state_lib.all_finite(state.params))):
-      raise FloatingPointError(f"[{name}] step {step}: the parameters are not finite; not "
-                               "checkpointing them")
-    data_state.save(step, batches, history)
-    checkpointer.save(step, state)
-    data_state.prune(checkpointer.all_steps() + [step])
-
-  def check_finite(metrics: dict, step: int) -> None:
-    in_a_row = int(metrics["nonfinite_in_a_row"])
-    if in_a_row and not tcfg.skip_nonfinite:
-      raise FloatingPointError(
-          f"[{name}] step {step}: the loss or the gradients are not finite "
-          f"(config.stages.{name}.train.skip_nonfinite=False); stopping")
-    if in_a_row >= tcfg.max_nonfinite_in_a_row:
-      raise FloatingPointError(
-          f"[{name}] step {step}: {in_a_row} updates in a row had a non-finite loss or gradient "
-          f"and were skipped (config.stages.{name}.train.max_nonfinite_in_a_row="
-          f"{tcfg.max_nonfinite_in_a_row}); stopping")
-
+  state = initial_state(ctx, spec, tx, checkpointer)
+  step = int(jax.device_get(state.step))
+  train_step, ctx.eval_step = make_steps(ctx, spec, tx, schedule, obj)
+  evaluators = evaluators_lib.build(ctx)
+  book = Logbook(ctx, step)
+  data = TrainData(ctx, step, book)
   preemption = Preemption()
-  progress = metrics_lib.Progress(
-      logdir=stage_dir, num_steps=tcfg.num_steps, start_step=start_step,
-      every_steps=tcfg.log_every, batch_size=tcfg.batch_size, profile_steps=tcfg.profile_steps,
-      profile_first_step=tcfg.profile_first_step)
-  first = last = None
-  step = preemption.step = start_step
-  previous = None  # the last step's metrics: read one step late so the device never waits
-
-  def take(metrics, at_step):
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    history.append(values)
-    check_finite(values, at_step)
-
+  itstime = functools.partial(evaluators_lib.itstime, last_step=tcfg.num_steps)
   try:
     while step < tcfg.num_steps:
-      state, step_metrics = train_step(state, parallel.global_batch(next(batches), mesh, rules))
-      step += 1
-      preemption.step = step
-      progress(step)
-      if previous is not None:
-        take(previous, step - 1)
-      previous = step_metrics
-      log_now = step % tcfg.log_every == 0 or step == tcfg.num_steps
-      stop = preemption.reached(step, boundary=log_now or step % tcfg.checkpoint_every == 0)
-      save_now = step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps or stop
-      if log_now or save_now:
-        take(previous, step)
-        previous = None
+      state, metrics = train_step(state, data.next())
+      step = preemption.step = step + 1
+      log_now = itstime(tcfg.log_every, step)
+      stop = preemption.reached(step, boundary=log_now or itstime(tcfg.checkpoint_every, step))
+      save_now = itstime(tcfg.checkpoint_every, step) or stop
+      book.step(step, metrics, read_now=log_now or save_now)
       if log_now:
-        scalars = metrics_lib.mean_metrics(history)
-        history = []
-        scalars.update(progress.timings())
-        scalars.update(monitor.check(step, scalars))
-        writer.scalars(step, scalars)
-        first = first or scalars
-        last = scalars
-      if validation and (step % tcfg.eval_every == 0 or step == tcfg.num_steps):
-        # Before the step's checkpoint: a run resumed from it has validated that step already.
-        with progress.timed("eval"):
-          writer.scalars(step, validation(state.params, step))
+        book.log(step)
+      # Before the step's checkpoint: a run resumed from it has evaluated that step already.
+      book.evaluate(evaluators, state.params, step)
       if save_now:
-        save(step, state)
+        data.checkpoint(step, state, checkpointer, book)
       if stop:
-        progress.close()
+        book.close()
         checkpointer.close()
-        if validation:
-          validation.best.close()
-        writer.close()
+        for evaluator in evaluators.values():
+          evaluator.close()
         raise Preempted(f"[{name}] stopped at step {step} on a termination signal; the "
                         "checkpoint is written: rerun the same command to resume")
-      if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.num_steps:
-        writer.scalars(step, evaluate(state.params))
   finally:
     preemption.restore()
-  progress.close()
-  final_eval = evaluate(state.params)
-  if final_eval:
-    writer.scalars(step, final_eval)
-  checkpointer.close()
-  writer.close()
-  summary = {"kind": kind, "final_step": step, "train_first": first, "train_last": last,
-             "eval": final_eval, "alarms": monitor.alarms}
-  if validation:
-    validation.best.close()
-    best_step, best_rsum = validation.best.best()
-    summary["best"] = {"step": best_step, "val/rsum": best_rsum}
-    logging.info("[%s] best validation RSUM %.2f at step %d", name, best_rsum, best_step)
-  if kind == "pretrain":
-    summary["chance"] = {
-        "mlm_accuracy": 1.0 / (ids.random_token_range[1] - ids.random_token_range[0]),
-        "moc_accuracy": 1.0 / model_cfg.num_object_classes}
-    print_pretrain_summary(name, summary)
-  mark_done(workdir, name, summary)
-  return summary
+  return finish_stage(ctx, step, book, evaluators, checkpointer)
 
 
 # ------------------------------------------------------------------------------------------------
-# Retrieval evaluation stage.
+# Evaluation stages.
 # ------------------------------------------------------------------------------------------------
 def evaluate_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> dict:
-  """Scores every pair of a split with the cross-encoder; writes scores and metrics."""
-  from imagebert_jax.retrieval import evaluate as eval_lib
-  from imagebert_jax.data import pipeline
-  from imagebert_jax.data.tokenizer import special_ids
-  stage = config.stages[name]
-  out_dir = paths.join(workdir, name)
-  paths.makedirs(out_dir)
-  pipeline.hide_gpus_from_tf()
-  data_dir, vocab = prepare_data(config, stage.data, workdir)
-  ids = special_ids(vocab)
-  model_cfg = model_config(config, ids.vocab_size)
-  describe_stage(config, name, workdir, model_cfg, vocab, data_dir)
-  mesh, rules = make_mesh(config)
-  graphdef, params = state_lib.create_params(model_cfg, mesh, rules, seed=config.seed)
-  source = init_source(stage, workdir)
+  """Runs the stage's evaluators (`evals`) once on the weights it starts from."""
+  ctx = stage_context(config, name, workdir)
+  ctx.graphdef, params = state_lib.create_params(ctx.model_cfg, ctx.mesh, ctx.rules,
+                                                 seed=config.seed)
+  ctx.checkpoint = init_source(ctx.stage, workdir)
   abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding),
                           params)
-  start = starting_params(name, stage, workdir, model_cfg, abstract, params)
+  start = starting_params(name, ctx.stage, workdir, ctx.model_cfg, abstract, params)
   if start is None:
     logging.warning("[%s] init.from_scratch=True: scoring with random weights", name)
   else:
     params = start  # already placed with the fresh parameters' shardings
-  ecfg = stage.eval
-  split = eval_lib.load_split(data_dir, stage.data.eval_split, max_text_len=model_cfg.max_text_len,
-                              max_regions=model_cfg.max_regions, pad_id=ids.pad_id,
-                              sep_id=ids.sep_id, max_images=ecfg.max_images or None,
-                              captions_per_image=ecfg.captions_per_image)
-  logging.info("[%s] %d images x %d captions = %s pairs", name, split.num_images,
-               split.num_captions, f"{split.num_images * split.num_captions:,}")
-  started = time.time()
-  # The contrastive first stage always; the cross-encoder on every pair (eval.rerank_k = 0) or
-  # on each query's top rerank_k (imagebert_jax.retrieval.two_stage).
-  from imagebert_jax.retrieval import two_stage
-  result = two_stage.evaluate_split(params, split, graphdef, mesh, rules, out_dir, ids=ids,
-                                    ecfg=ecfg)
-  scores, metrics, by_protocol = result.scores, result.metrics, result.by_protocol
-  binding_table = evaluate_binding(stage, data_dir, vocab, config.text.lowercase, params, graphdef,
-                                   mesh, rules, split, ids, model_cfg, result)
-  seconds = time.time() - started
-  spread = eval_lib.score_spread(scores)
-  if spread["scores_near_constant"]:
-    logging.warning("[%s] the score matrix is (near-)constant: std %.2e over %s pairs. The "
-                    "scorer has collapsed and these recall figures mean nothing", name,
-                    spread["score_std"], f"{scores.size:,}")
-  extra = {"protocol": ecfg.protocol, "split": stage.data.eval_split,
-           "images": split.num_images, "captions": split.num_captions,
-           "captions_per_image": ecfg.captions_per_image,
-           "checkpoint": source, "checkpoint_step": ckpt_lib.step_of(source) if source else None,
-           "seconds": round(seconds, 2), **spread, **result.extra}
-  eval_lib.write_results(out_dir, scores, split, metrics, extra)
-  two_stage.write_itc_scores(out_dir, result.itc_scores)
   writer = metrics_lib.Writer(workdir, name)
-  writer.scalars(0, {f"retrieval/{k}": v for k, v in
-                     dict(metrics, nonfinite_scores=result.extra["nonfinite_scores"]).items()})
+  summary = {"kind": "evaluate"}
+  for evaluator in evaluators_lib.build(ctx).values():
+    writer.scalars(0, evaluator.run(params, 0))
+    summary.update(evaluator.summary())
+    evaluator.close()
   writer.close()
-  if jax.process_index() == 0:
-    print(f"[{name}] {ecfg.protocol} retrieval on {stage.data.eval_split} "
-          f"({split.num_images} images, {split.num_captions} captions, {seconds:.1f}s)\n"
-          + eval_lib.format_metrics({**_table_rows(name, by_protocol),
-                                     **_table_rows(f"{name} itc", result.itc_by_protocol)})
-          + f"\n(cross-encoder on {result.extra['pairs_scored']:,} of "
-          f"{result.extra['all_pairs']:,} pairs; rows 'itc': the embeddings alone)"
-          + (f"\n{binding_table}" if binding_table else ""), flush=True)
-  summary = {"kind": "evaluate", "metrics": metrics, "by_protocol": by_protocol, **extra}
   mark_done(workdir, name, summary)
   return summary
-
-
-def binding_file(stage: ml_collections.ConfigDict, data_dir: str) -> str:
-  """The binding tests an evaluation stage scores: `eval.binding_file`, or with 'auto' the
-  dataset's `binding_<split>.jsonl` when it has one ('' for none)."""
-  chosen = stage.eval.get("binding_file", "auto")
-  if chosen != "auto":
-    return chosen
-  path = paths.join(data_dir, f"binding_{stage.data.eval_split}.jsonl")
-  return path if paths.exists(path) else ""
-
-
-def evaluate_binding(stage, data_dir, vocab, lowercase, params, graphdef, mesh, rules, split,
-                     ids, model_cfg, result) -> str:
-  """Scores the stage's binding tests (imagebert_jax.retrieval.binding), adds their shares to
-  `result.metrics` and returns their table ('' without tests)."""
-  path = binding_file(stage, data_dir)
-  if not path:
-    return ""
-  from imagebert_jax.retrieval import binding
-  from imagebert_jax.data.tokenizer import Tokenizer
-  tests = binding.read_tests(path, split.image_ids)
-  if not len(tests):
-    logging.warning("%s: no binding test names an image of this split", path)
-    return ""
-  tokenizer = Tokenizer(vocab, model_cfg.max_text_len, lowercase)
-  cross, text_embed = binding.split_scorers(params, graphdef, mesh, rules, split,
-                                            pad_id=ids.pad_id, cls_sep=(ids.cls_id, ids.sep_id))
-  by_scorer = binding.evaluate(tests, cross_scores=cross, text_embed=text_embed,
-                               image_embeddings=result.image_embeddings,
-                               tokenize=tokenizer.encode_padded,
-                               cosine_weight=result.extra["itc_weight_per_cosine"])
-  result.metrics.update(binding.flat_metrics(by_scorer, tests.skipped))
-  result.extra["binding_file"] = path
-  return binding.format_table(by_scorer)
-
-
-def _table_rows(name: str, by_protocol: dict[str, dict]) -> dict[str, dict]:
-  """Rows of the retrieval table: the stage's name, with the protocol when it has several."""
-  if len(by_protocol) == 1:
-    return {name: next(iter(by_protocol.values()))}
-  return {f"{name} {p}": m for p, m in by_protocol.items()}
 
 
 def print_pretrain_summary(name: str, s: dict) -> None:
@@ -783,7 +717,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   evaluations = {}
   for n, r in results.items():
     if r.get("kind") == "evaluate":
-      evaluations.update(_table_rows(n, r.get("by_protocol") or {"": r["metrics"]}))
+      evaluations.update(evaluators_lib.table_rows(n, r.get("by_protocol") or {"": r["metrics"]}))
   if evaluations and jax.process_index() == 0:
     from imagebert_jax.retrieval.evaluate import format_metrics
     print("Retrieval (Recall@K in %, RSUM):\n" + format_metrics(evaluations), flush=True)
