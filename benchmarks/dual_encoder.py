@@ -35,11 +35,11 @@ def vocab_path(data_dir: str) -> str:
 
 
 def load(data_dir: str, split: str, max_text_len: int, max_regions: int):
-  from imagebert_jax.retrieval import evaluate
+  from imagebert_jax.data import splits
   from imagebert_jax.data.tokenizer import special_ids
   ids = special_ids(vocab_path(data_dir))
-  s = evaluate.load_split(data_dir, split, max_text_len=max_text_len, max_regions=max_regions,
-                          pad_id=ids.pad_id, sep_id=ids.sep_id)
+  s = splits.load_split(data_dir, split, max_text_len=max_text_len, max_regions=max_regions,
+                        pad_id=ids.pad_id, sep_id=ids.sep_id)
   return s, ids
 
 

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from imagebert_jax.training import checkpoint as ckpt_lib
-from imagebert_jax.retrieval import evaluate
+from imagebert_jax.data import splits
 from imagebert_jax.config import runconfig
 from imagebert_jax.data.tokenizer import special_ids
 from imagebert_jax.retrieval.inference import RunConfigError, TrainedModel
@@ -38,10 +38,10 @@ def model(demo):
 @pytest.fixture(scope="module")
 def split(demo, model):
   ids = model.ids
-  return evaluate.load_split(os.path.join(demo, "synthetic_data"), "test",
-                             max_text_len=model.cfg.max_text_len,
-                             max_regions=model.cfg.max_regions, pad_id=ids.pad_id,
-                             sep_id=ids.sep_id)
+  return splits.load_split(os.path.join(demo, "synthetic_data"), "test",
+                           max_text_len=model.cfg.max_text_len,
+                           max_regions=model.cfg.max_regions, pad_id=ids.pad_id,
+                           sep_id=ids.sep_id)
 
 
 @pytest.fixture(scope="module")

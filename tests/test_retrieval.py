@@ -12,6 +12,7 @@ from flax import nnx
 from helpers import PAD, TINY, random_batch
 from imagebert_jax import parallel
 from imagebert_jax.config import defaults as config_defaults
+from imagebert_jax.data import splits
 from imagebert_jax.retrieval import evaluate
 from imagebert_jax.training import state as state_lib
 from imagebert_jax.objectives import retrieval as R
@@ -158,7 +159,7 @@ def test_fold_order_and_caption_count_come_from_the_built_dataset(tmp_path):
       max_text_len=8, feature_dim=4, min_boxes=1, max_boxes=2, log_every=0))
   ids = special_ids(vocab)
   kw = dict(max_text_len=8, max_regions=2, pad_id=ids.pad_id, sep_id=ids.sep_id)
-  split = evaluate.load_split(str(tmp_path / "data"), "test", captions_per_image=5, **kw)
+  split = splits.load_split(str(tmp_path / "data"), "test", captions_per_image=5, **kw)
   assert split.image_ids == region_order  # stored in the order the regions came
   assert [split.image_ids[i] for i in split.source_order] == json_order
   tok = Tokenizer(vocab, max_len=8)
@@ -168,7 +169,7 @@ def test_fold_order_and_caption_count_come_from_the_built_dataset(tmp_path):
     for row, sentence in zip(got, sentences[im][:5]):
       want = tok.encode(sentence)
       np.testing.assert_array_equal(row[:len(want)], want)
-  assert evaluate.load_split(str(tmp_path / "data"), "test", **kw).num_captions == 52
+  assert splits.load_split(str(tmp_path / "data"), "test", **kw).num_captions == 52
   # Five folds of two images (COCO 1K's layout, smaller): the caption file's images 0-1, 2-3, ...
   scores = rng.normal(size=(n, split.num_captions))
   got = evaluate.protocol_metrics(scores, split.caption_image, split.source_order, "5x2")

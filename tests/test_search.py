@@ -263,14 +263,14 @@ def test_another_model_is_refused(photo_index, demo, tmp_path):
 
 
 def test_dataset_split_end_to_end(demo, model, tmp_path, browser):
-  from imagebert_jax.retrieval import evaluate
+  from imagebert_jax.data import splits
   data_dir = os.path.join(demo, "synthetic_data")
   index = str(tmp_path / "index")
   summary = search.main(["index", "--model", os.path.join(demo, "finetune"), "--index", index,
                          "--dataset", data_dir, "--split", "test", "--no_progress"])
-  split = evaluate.load_split(data_dir, "test", max_text_len=model.cfg.max_text_len,
-                              max_regions=model.cfg.max_regions, pad_id=model.ids.pad_id,
-                              sep_id=model.ids.sep_id)
+  split = splits.load_split(data_dir, "test", max_text_len=model.cfg.max_text_len,
+                            max_regions=model.cfg.max_regions, pad_id=model.ids.pad_id,
+                            sep_id=model.ids.sep_id)
   assert summary["images"] == split.num_images
   data = search.Index(index).load()
   assert data.image_ids == split.image_ids

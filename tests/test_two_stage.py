@@ -15,6 +15,7 @@ from flax import nnx
 from helpers import PAD, TINY, random_batch
 from imagebert_jax import parallel
 from imagebert_jax.config import defaults as config_defaults
+from imagebert_jax.data import splits
 from imagebert_jax.retrieval import evaluate
 from imagebert_jax.training import train
 from imagebert_jax.retrieval import two_stage
@@ -172,10 +173,10 @@ def test_evaluation_stage_in_two_stages(demo_smoke_run, tmp_path):
   model = TrainedModel.load(os.path.join(demo, "finetune"), batch_size=64)
   records = list(split_records(os.path.join(demo, "synthetic_data"), "test"))
   owner = np.load(os.path.join(demo, "finetuned", "caption_image.npy"))
-  split = evaluate.load_split(os.path.join(demo, "synthetic_data"), "test",
-                              max_text_len=model.cfg.max_text_len,
-                              max_regions=model.cfg.max_regions, pad_id=model.ids.pad_id,
-                              sep_id=model.ids.sep_id)
+  split = splits.load_split(os.path.join(demo, "synthetic_data"), "test",
+                            max_text_len=model.cfg.max_text_len,
+                            max_regions=model.cfg.max_regions, pad_id=model.ids.pad_id,
+                            sep_id=model.ids.sep_id)
   itc = model.embed_images(records) @ model.embed_texts(split.text_ids).T
   cross = np.load(os.path.join(demo, "finetuned", "scores.npy"))
   n, c = itc.shape
@@ -239,10 +240,10 @@ def test_ranking_adds_the_contrastive_logit_when_the_model_says_so(demo_smoke_ru
         assert m[f"{name}{d}_R@{r}"] == pytest.approx(100 * np.mean(ranks < r))
   # The API ranks the same way when its model carries the weight.
   model.itc_weight = weight * scale
-  split = evaluate.load_split(os.path.join(demo, "synthetic_data"), "test",
-                              max_text_len=model.cfg.max_text_len,
-                              max_regions=model.cfg.max_regions, pad_id=model.ids.pad_id,
-                              sep_id=model.ids.sep_id)
+  split = splits.load_split(os.path.join(demo, "synthetic_data"), "test",
+                            max_text_len=model.cfg.max_text_len,
+                            max_regions=model.cfg.max_regions, pad_id=model.ids.pad_id,
+                            sep_id=model.ids.sep_id)
   from imagebert_jax.data.pipeline import split_records
   gallery = model.image_gallery(list(split_records(os.path.join(demo, "synthetic_data"), "test")))
   hits = model.rank_images(split.text_ids[:5], gallery, k=k, rerank_k=k)

@@ -20,7 +20,6 @@ images: the Flickr30k 1K test is its whole test split, so 'full' is that protoco
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import time
@@ -34,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from imagebert_jax import parallel, paths
+from imagebert_jax.data.splits import Split  # noqa: F401  (the evaluations' input)
 
 KS = (1, 5, 10)
 
@@ -168,71 +168,6 @@ def protocol_metrics(scores: np.ndarray, caption_image: np.ndarray, order: np.nd
                     fold_caption_image(images, caps, caption_image, scores.shape[0]))
              for images, caps in fold_sets(scores.shape[0], caption_image, order, protocol)]
   return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
-
-
-# ------------------------------------------------------------------------------------------------
-# The split on the devices.
-# ------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Split:
-  """A whole evaluation split, host side."""
-
-  region_feat: np.ndarray   # [N, R, D] float16
-  region_loc: np.ndarray    # [N, R, 5]
-  num_regions: np.ndarray   # [N]
-  text_ids: np.ndarray      # [C, T]
-  caption_image: np.ndarray  # [C] image index of each caption
-  image_ids: list[str]
-  source_order: np.ndarray  # [N] the order of the images in the caption source
-
-  @property
-  def num_images(self) -> int:
-    return len(self.image_ids)
-
-  @property
-  def num_captions(self) -> int:
-    return len(self.caption_image)
-
-
-def load_split(data_dir: str, split: str, *, max_text_len: int, max_regions: int, pad_id: int,
-               sep_id: int, max_images: int | None = None,
-               captions_per_image: int = 0) -> Split:
-  """Reads every record of a split (on every process: the devices then get replicated copies).
-
-  `max_images`: only the first images of the split, in its stored order (a fixed subset).
-  `captions_per_image` > 0: only each image's first captions, in the caption file's order (the
-  Karpathy protocol's five; COCO has images with six or seven); 0 keeps them all.
-  """
-  import tensorflow_datasets as tfds
-  from imagebert_jax.data import pipeline
-  cfg = pipeline.PipelineConfig(data_dir=data_dir, split=split, batch_size=1,
-                                max_text_len=max_text_len, max_regions=max_regions,
-                                pad_id=pad_id, sep_id=sep_id)
-  builder, info = pipeline.open_dataset(data_dir)
-  if split not in info["splits"]:
-    raise ValueError(f"{data_dir}: no split {split!r}; it has {sorted(info['splits'])}")
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={"captions": tfds.decode.SkipDecoding()})
-  if max_images:
-    ds = ds.take(max_images)
-  ds = ds.map(lambda ex: (pipeline._image_fields(ex, cfg, False), pipeline._caption_ids(ex, cfg),
-                          ex["image_id"], ex.get("source_order", -1)))
-  feats, locs, nregs, texts, owners, ids, orders = [], [], [], [], [], [], []
-  for i, (image, text, image_id, source_order) in enumerate(tfds.as_numpy(ds)):
-    feats.append(image["region_feat"])
-    locs.append(image["region_loc"])
-    nregs.append(image["num_regions"])
-    if captions_per_image:
-      text = text[:captions_per_image]
-    texts.append(text)
-    owners.append(np.full(len(text), i, np.int32))
-    ids.append(image_id.decode() if isinstance(image_id, bytes) else str(image_id))
-    orders.append(int(source_order) if int(source_order) >= 0 else i)
-  if not feats:
-    raise ValueError(f"{data_dir}: split {split!r} is empty")
-  return Split(np.stack(feats), np.stack(locs), np.asarray(nregs, np.int32),
-               np.concatenate(texts).astype(np.int32), np.concatenate(owners), ids,
-               np.argsort(np.asarray(orders), kind="stable"))
 
 
 # ------------------------------------------------------------------------------------------------

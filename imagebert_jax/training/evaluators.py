@@ -27,9 +27,14 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from imagebert_jax import paths
+from imagebert_jax import parallel, paths
+from imagebert_jax.data import pipeline, records, splits
+from imagebert_jax.data.tokenizer import Tokenizer
 from imagebert_jax.model import ModelConfig
+from imagebert_jax.retrieval import binding, two_stage
+from imagebert_jax.retrieval import evaluate as eval_lib
 from imagebert_jax.training import checkpoint as ckpt_lib
+from imagebert_jax.training import metrics as metrics_lib
 
 
 @dataclasses.dataclass
@@ -74,9 +79,6 @@ class LossEvaluator:
     self.every, self.batches, self.ctx = cfg.every, cfg.batches, ctx
 
   def run(self, params, step: int) -> dict[str, float]:
-    from imagebert_jax import parallel
-    from imagebert_jax.data import pipeline
-    from imagebert_jax.training import metrics as metrics_lib
     ctx = self.ctx
     ecfg = dataclasses.replace(ctx.pipe, split=ctx.stage.data.eval_split, seed=ctx.config.seed)
     history = []
@@ -102,13 +104,11 @@ class ValidationEvaluator:
   prefix = "val"
 
   def __init__(self, cfg: ml_collections.ConfigDict, ctx: Context):
-    from imagebert_jax.data import pipeline, records
-    from imagebert_jax.retrieval import evaluate as eval_lib
     self.every, self.ctx = cfg.every, ctx
     split_name = ctx.stage.data.eval_split
     dirs = [d for d in pipeline.data_dirs(ctx.data_dir)
             if pipeline.has_split(records.read_info(d), split_name)]
-    self.split = eval_lib.load_split(
+    self.split = splits.load_split(
         dirs[0], split_name, max_text_len=ctx.model_cfg.max_text_len,
         max_regions=ctx.model_cfg.max_regions, pad_id=ctx.ids.pad_id, sep_id=ctx.ids.sep_id,
         max_images=cfg.max_images or None, captions_per_image=cfg.captions_per_image)
@@ -121,7 +121,6 @@ class ValidationEvaluator:
     self.best = ckpt_lib.BestCheckpoint(paths.join(ctx.stage_dir, ckpt_lib.BEST_DIR), "rsum")
 
   def run(self, params, step: int) -> dict[str, float]:
-    from imagebert_jax.retrieval import evaluate as eval_lib
     scores = self.scorer.rows(params, 0, self.split.num_images)
     metrics = eval_lib.recall(scores, self.split.caption_image)
     metrics["nonfinite_scores"] = eval_lib.count_nonfinite(
@@ -147,10 +146,9 @@ class RetrievalEvaluator:
   prefix = "retrieval"
 
   def __init__(self, cfg: ml_collections.ConfigDict, ctx: Context):
-    from imagebert_jax.retrieval import evaluate as eval_lib
     self.cfg, self.ctx = cfg, ctx
     self.every = cfg.get("every", 0)
-    self.split = eval_lib.load_split(
+    self.split = splits.load_split(
         ctx.data_dir, ctx.stage.data.eval_split, max_text_len=ctx.model_cfg.max_text_len,
         max_regions=ctx.model_cfg.max_regions, pad_id=ctx.ids.pad_id, sep_id=ctx.ids.sep_id,
         max_images=cfg.max_images or None, captions_per_image=cfg.captions_per_image)
@@ -160,8 +158,6 @@ class RetrievalEvaluator:
     self.result: dict = {}
 
   def run(self, params, step: int) -> dict[str, float]:
-    from imagebert_jax.retrieval import evaluate as eval_lib
-    from imagebert_jax.retrieval import two_stage
     ctx, cfg, split = self.ctx, self.cfg, self.split
     started = time.time()
     # The contrastive first stage always; the cross-encoder on every pair (rerank_k = 0) or on
@@ -209,8 +205,6 @@ class RetrievalEvaluator:
     path = self.binding_file()
     if not path:
       return ""
-    from imagebert_jax.data.tokenizer import Tokenizer
-    from imagebert_jax.retrieval import binding
     ctx = self.ctx
     tests = binding.read_tests(path, self.split.image_ids)
     if not len(tests):
