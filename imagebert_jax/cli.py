@@ -29,3 +29,61 @@ def quiet_libraries(handler: logging.Handler, verbosity: int) -> None:
   """Puts QuietLibraries on `handler` unless `verbosity` >= 1."""
   if verbosity < 1 and not any(isinstance(f, QuietLibraries) for f in handler.filters):
     handler.addFilter(QuietLibraries())
+
+
+# ------------------------------------------------------------------------------------------------
+# Command lines: every command parses absl flags defined on a FlagValues of its own (so it can
+# be parsed more than once in a process, as the tests do), `--name=value` or `--name value`;
+# `--help` prints them; a bad or missing flag is one line naming it, exit status 2, like every
+# other error a user can fix (imagebert_jax.errors). `imagebert-train` is the exception that
+# proves it: ml_collections' --config needs absl's global flags, parsed by absl's app.
+# ------------------------------------------------------------------------------------------------
+def new_flags(*, verbosity: bool = True):
+  """A FlagValues for one command, with `--verbosity` / `-v` (1: the libraries' INFO logs too)."""
+  from absl import flags
+  fv = flags.FlagValues()
+  if verbosity:
+    flags.DEFINE_integer("verbosity", 0, "1: the libraries' INFO logs too (default: progress, "
+                         "the answer, warnings and errors).", short_name="v", flag_values=fv)
+  return fv
+
+
+def parse_flags(fv, argv: list[str], *, prog: str, usage: str = "[flags]",
+                about: str = "") -> list[str]:
+  """Parses `argv` (argv[0] is the program) on `fv`; returns the positional arguments after
+  the program. `--help` / `-h` prints the usage, `about` and the flags, and exits 0; a bad,
+  unknown or missing flag is one line on stderr (`<prog>: error: ...`), exit status 2."""
+  import sys
+
+  from absl import flags
+  argv = list(argv)
+  if any(a in ("-h", "--help", "-help", "--helpfull", "--helpshort") for a in argv[1:]):
+    print(f"usage: {prog} {usage}\n" + (f"\n{about}\n" if about else "")
+          + f"\nflags:\n{fv.get_help(include_special_flags=False)}")
+    raise SystemExit(0)
+  try:
+    return fv(argv)[1:]
+  except flags.Error as e:
+    print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def absl_parser(prog: str):
+  """A `flags_parser` for absl's app.run, for the commands whose flags are absl's global ones
+  (ml_collections' --config needs them): a bad flag is one line, exit status 2; --help is
+  absl's."""
+  def parse(argv: list[str]) -> list[str]:
+    from absl import flags
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      refuse(prog, " ".join(str(e).split()))
+  return parse
+
+
+def refuse(prog: str, message: str) -> None:
+  """What a command refuses (a flag combination, an imagebert_jax.errors.Error): one line on
+  stderr, `<prog>: error: <message>`, exit status 2."""
+  import sys
+  print(f"{prog}: error: {message}", file=sys.stderr)
+  raise SystemExit(2)

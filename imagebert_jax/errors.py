@@ -31,5 +31,9 @@ class WeightsError(Error, ValueError):
   """A weight file does not match the detector config."""
 
 
+class InputError(Error, ValueError):
+  """A command's input cannot be used: a folder or list of files, ids that collide."""
+
+
 class SearchError(Error):
   """A search that cannot run: its index, dataset, query or model."""

@@ -60,11 +60,19 @@ def use_compilation_cache(folder: str) -> str:
   return folder
 
 
+PROG = "imagebert-train"
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.refuse(PROG, f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
-    raise app.UsageError("--config is required (e.g. configs/demo.py of the checkout)")
+    cli.refuse(PROG, "--config is required (e.g. configs/demo.py of the checkout)")
+  try:  # ml_collections reports a config file it could not load on first use
+    config = _CONFIG.value
+    config.keys()
+  except OSError as e:
+    cli.refuse(PROG, "--config: " + " ".join(str(e).split()))
   # Quiet by default: the libraries' INFO logs only with --verbosity 1 (-v 1).
   cli.quiet_libraries(logging.get_absl_handler(), flags.FLAGS.verbosity)
   import jax
@@ -74,8 +82,7 @@ def main(argv):
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:
-    logging.error("%s", e)
-    sys.exit(2)
+    cli.refuse(PROG, str(e))
   # TensorFlow only reads data here: keep it off the accelerators.
   from imagebert_jax.data.pipeline import hide_gpus_from_tf
   hide_gpus_from_tf()
@@ -83,13 +90,12 @@ def main(argv):
                jax.__version__, jax.default_backend(), jax.device_count(),
                jax.process_index(), jax.process_count(), cache or "off")
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(config, _WORKDIR.value)
   except train.Preempted as e:
     logging.warning("%s", e)
     sys.exit(143)  # 128 + SIGTERM, so supervisors see the run as unfinished
   except errors.Error as e:
-    logging.error("%s", e)
-    sys.exit(e.exit_code)
+    cli.refuse(PROG, str(e))
 
 
 def command() -> None:
@@ -100,7 +106,7 @@ def command() -> None:
   allocator.reexec("imagebert_jax.main")
   for flag in flags.FLAGS.get_key_flags_for_module(__name__):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-  app.run(main)
+  app.run(main, flags_parser=cli.absl_parser(PROG))
 
 
 if __name__ == "__main__":

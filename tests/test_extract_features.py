@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from imagebert_jax.detector import extract_features as tool
 from imagebert_jax.data.regionfile import read_region_file
 from imagebert_jax.detector import export_state_dict, init_params, tiny_config
+from imagebert_jax.errors import InputError
 
 
 def draw(path, seed, size):
@@ -144,7 +145,7 @@ def test_duplicate_ids_and_wrong_weights_fail_clearly(setup, tmp_path):
   (folder / "x").mkdir(parents=True)
   draw(folder / "same.jpg", 1, (100, 80))
   draw(folder / "x" / "same.png", 2, (100, 80))
-  with pytest.raises(SystemExit, match="both have id 'same'.*--id_from relpath"):
+  with pytest.raises(InputError, match="both have id 'same'.*--id_from relpath"):
     tool.run(["--images", str(folder), "--weights", setup[2], "--output", str(tmp_path / "o"),
               "--config", setup[1]])
   # The tiny weights against the full-size default config: one message naming the problems.
@@ -180,3 +181,15 @@ def test_extracted_regions_build_a_dataset(setup, tmp_path):
   assert (batch["num_regions"] >= cfg.min_boxes).all()
   assert batch["region_feat"].shape[-1] == cfg.feature_dim
   assert (batch["region_loc"] >= 0).all() and (batch["region_loc"] <= 1).all()
+
+
+def test_the_command_fails_in_one_line(setup, tmp_path, capsys):
+  """A missing flag and a missing image folder: one line each, naming it, exit status 2."""
+  for argv, named in ((["--images", str(tmp_path)], "--weights"),
+                      (["--images", str(tmp_path / "none"), "--weights", setup[2],
+                        "--output", str(tmp_path / "o")], "no such folder or list file")):
+    with pytest.raises(SystemExit) as exit_:
+      tool.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("imagebert-extract: error: ") and named in err[0]

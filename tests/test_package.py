@@ -150,3 +150,31 @@ def test_commands_are_quiet_by_default():
   loud = logging.StreamHandler()
   cli.quiet_libraries(loud, verbosity=1)
   assert loud.filter(record(lib, logging.INFO))
+
+
+# Every command line of the package, by module, with the program name its errors start with.
+COMMAND_MODULES = {"imagebert_jax.main": "imagebert-train",
+                   "imagebert_jax.data.build": "imagebert-build",
+                   "imagebert_jax.detector.extract_features": "imagebert-extract",
+                   "imagebert_jax.retrieval.search": "imagebert-search",
+                   "imagebert_jax.bench": "imagebert-bench",
+                   "imagebert_jax.bench.detector": "python -m imagebert_jax.bench.detector",
+                   "imagebert_jax.bench.data": "python -m imagebert_jax.bench.data",
+                   "imagebert_jax.data.realistic": "python -m imagebert_jax.data.realistic"}
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("module", sorted(COMMAND_MODULES))
+def test_every_command_refuses_a_bad_flag_in_one_line(module):
+  """One convention (imagebert_jax/cli.py): an unknown flag is one line on stderr naming it,
+  `<program>: error: ...`, exit status 2; --help lists the flags and exits without an error."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "IMAGEBERT_MALLOC": "system"}
+  bad = subprocess.run([sys.executable, "-m", module, "--no_such_flag=1"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2, bad.stderr[-2000:]
+  lines = bad.stderr.strip().splitlines()
+  assert len(lines) == 1, bad.stderr[-2000:]
+  assert lines[0].startswith(f"{COMMAND_MODULES[module]}: error: ") and "no_such_flag" in lines[0]
+  help_ = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+  assert help_.returncode in (0, 1) and "--" in help_.stdout, help_.stderr[-2000:]  # absl: 1

@@ -231,18 +231,29 @@ def test_image_queries_rank_the_texts_of_a_file(photo_index, photos, model, tmp_
   page.close()
 
 
-def test_another_model_is_refused(photo_index, demo, tmp_path):
+def _refused(argv, capsys) -> str:
+  """search.main's one line on stderr for a refused command line (exit status 2)."""
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_:
+    search.main(argv)
+  assert exit_.value.code == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert lines and lines[-1].startswith("imagebert-search: error: ")
+  return lines[-1]
+
+
+def test_another_model_is_refused(photo_index, demo, tmp_path, capsys):
   index = photo_index[0]
-  with pytest.raises(SystemExit, match="built with other weights of this model"):
-    search.main(["query", "--index", index, "--model", os.path.join(demo, "pretrain"),
-                 "--query", "a cat"])
+  assert "built with other weights of this model" in _refused(
+      ["query", "--index", index, "--model", os.path.join(demo, "pretrain"), "--query", "a cat"],
+      capsys)
   other = tmp_path / "finetune"
   shutil.copytree(os.path.join(demo, "finetune"), other)
   config = json.loads((other / "config.json").read_text())
   config["model"]["layer_norm_eps"] = 1e-6  # another model of the same shapes
   (other / "config.json").write_text(json.dumps(config))
-  with pytest.raises(SystemExit, match="was built with another model"):
-    search.main(["query", "--index", index, "--model", str(other), "--query", "a cat"])
+  assert "was built with another model" in _refused(
+      ["query", "--index", index, "--model", str(other), "--query", "a cat"], capsys)
   # Through the command itself: a non-zero exit and one line saying why, nothing else (the
   # libraries' INFO logs only with -v 1).
   def refused(*extra):
@@ -252,10 +263,11 @@ def test_another_model_is_refused(photo_index, demo, tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
   run = refused()
-  assert run.returncode == 1
+  assert run.returncode == 2
   lines = run.stderr.strip().splitlines()
   assert len(lines) <= 2, run.stderr  # at most the package's own "Loaded ..." before it
-  assert lines[-1].startswith("error: ") and "built with other weights" in lines[-1]
+  assert lines[-1].startswith("imagebert-search: error: ")
+  assert "built with other weights" in lines[-1]
   loud = refused("-v", "1")
   assert loud.stderr.strip().splitlines()[-1] == lines[-1]
   assert len(loud.stderr.strip().splitlines()) > len(lines)
@@ -309,3 +321,17 @@ def test_the_checker_sees_console_errors_and_broken_images(tmp_path, browser):
   shown = json.loads(_page_summary(page))
   assert shown[0]["results"][0]["images"] == [False]
   page.close()
+
+
+def test_command_lines_are_checked_before_anything_runs(capsys, tmp_path):
+  """The command (index or query) and the flags of the other one, in one line each."""
+  index = str(tmp_path / "index")
+  assert "want one command, index or query" in _refused(["--index", index], capsys)
+  assert "want one command, index or query" in _refused(["search", "--index", index], capsys)
+  assert "query does not take --images, --part_size" in _refused(
+      ["query", "--index", index, "--images", "x", "--part_size", "3"], capsys)
+  assert "index does not take --top_k" in _refused(
+      ["index", "--index", index, "--top_k", "3"], capsys)
+  assert "--top_k" in _refused(["query", "--index", index, "--top_k", "0"], capsys)
+  assert "--index" in _refused(["query", "--query", "a cat"], capsys)  # required
+  assert not os.path.exists(index)

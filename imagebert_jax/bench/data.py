@@ -15,7 +15,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from imagebert_jax import paths
+from imagebert_jax import cli, paths
 from imagebert_jax.data import build as build_lib
 from imagebert_jax.data import pipeline, records
 from imagebert_jax.data.regionfile import RegionFileWriter, RegionRecord
@@ -96,4 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.absl_parser("python -m imagebert_jax.bench.data"))

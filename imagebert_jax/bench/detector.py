@@ -10,7 +10,6 @@ DetectorConfig field can be overridden with --set name=value (e.g. --set roi_chu
 
 from __future__ import annotations
 
-import argparse
 import ast
 import platform
 import time
@@ -18,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from imagebert_jax import paths
+from imagebert_jax import cli, paths
 from imagebert_jax.detector.config import DetectorConfig
 from imagebert_jax.detector.model import compiled_detector, init_params
 
@@ -48,17 +47,27 @@ def benchmark(cfg: DetectorConfig, batch_size: int = 1, steps: int = 3, warmup: 
           "boxes_per_image": np.asarray(out["num_boxes"]).tolist()}
 
 
+PROG = "python -m imagebert_jax.bench.detector"
+
+
 def main(argv: list[str] | None = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--batch_size", type=int, default=1)
-  p.add_argument("--steps", type=int, default=3, help="Timed calls.")
-  p.add_argument("--warmup", type=int, default=1, help="Untimed calls first (compilation).")
-  p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                 help="Override a DetectorConfig field (Python literal value).")
-  p.add_argument("--results", default="", help="Also append the result, as one JSON object "
-                 "with --label, to this JSON-lines file (imagebert_jax.bench --summary).")
-  p.add_argument("--label", default="detector")
-  args = p.parse_args(argv)
+  """The benchmark's command line (imagebert_jax.cli's convention)."""
+  import sys
+
+  from absl import flags
+  fv = cli.new_flags(verbosity=False)
+  flags.DEFINE_integer("batch_size", 1, "Images per call.", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("steps", 3, "Timed calls.", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("warmup", 1, "Untimed calls first (compilation).", lower_bound=0,
+                       flag_values=fv)
+  flags.DEFINE_multi_string("set", [], "NAME=VALUE: override a DetectorConfig field (Python "
+                            "literal value); repeat for several.", flag_values=fv)
+  flags.DEFINE_string("results", "", "Also append the result, as one JSON object with --label, "
+                      "to this JSON-lines file (imagebert_jax.bench --summary).", flag_values=fv)
+  flags.DEFINE_string("label", "detector", "The result's label.", flag_values=fv)
+  cli.parse_flags(fv, [PROG, *(sys.argv[1:] if argv is None else argv)], prog=PROG,
+                  about=__doc__.split("\n\n")[0])
+  args = fv
   overrides = {}
   for item in args.set:
     name, _, value = item.partition("=")

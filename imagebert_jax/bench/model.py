@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagebert_jax import allocator, parallel, paths
+from imagebert_jax import allocator, cli, parallel, paths
 from imagebert_jax.config import defaults as config_defaults
 from imagebert_jax.training import optim
 from imagebert_jax.training import train
@@ -404,6 +404,9 @@ def append_results(path: str, label: str, rows: list[dict[str, Any]]) -> None:
       f.write(json.dumps({"label": label, **r}, default=str) + "\n")
 
 
+PROG = "imagebert-bench"
+
+
 def main(argv):
   del argv
   if _SUMMARY.value:
@@ -412,7 +415,7 @@ def main(argv):
       print(summary_table([json.loads(line) for line in f if line.strip()]))
     return
   if _CONFIG.value is None:
-    raise app.UsageError("--config is required, e.g. --config configs/imagebert_base.py")
+    cli.refuse(PROG, "--config is required, e.g. --config configs/imagebert_base.py")
   config = _CONFIG.value
   rows = []
   if "train" in _MODES.value:
@@ -420,7 +423,7 @@ def main(argv):
                                                  _WARMUP.value, _STAGE.value)))
   if "input" in _MODES.value:
     if not _DATA.value:
-      raise app.UsageError("--modes input needs --data_dir (a built dataset)")
+      cli.refuse(PROG, "--modes input needs --data_dir (a built dataset)")
     rows.append(dict(mode="input", **bench_train(config, _BATCH.value, _STEPS.value,
                                                  _WARMUP.value, _STAGE.value, _DATA.value)))
   if "finetune" in _MODES.value:
@@ -455,7 +458,7 @@ def command() -> None:
   """The console command `imagebert-bench` (started again with tcmalloc where the system has it,
   as runs are: imagebert_jax/allocator.py)."""
   allocator.reexec("imagebert_jax.bench")
-  app.run(main)
+  app.run(main, flags_parser=cli.absl_parser(PROG))
 
 
 if __name__ == "__main__":

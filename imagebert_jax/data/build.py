@@ -224,7 +224,8 @@ def _flags():
   once in a process, as the tests do)."""
   from absl import flags
 
-  fv = flags.FlagValues()
+  from imagebert_jax import cli
+  fv = cli.new_flags()
   flags.DEFINE_string("name", None, "Dataset name (file prefix).", flag_values=fv)
   flags.DEFINE_string("out_dir", None, "Output folder (a local folder or a bucket URL).",
                       flag_values=fv)
@@ -302,28 +303,28 @@ def run_command(argv: list[str]) -> dict:
   return finalize_dataset(spec) if finalize_only else build_dataset(spec)
 
 
+PROG = "imagebert-build"
+
+
 def main(argv: Iterable[str] | None = None) -> None:
-  """`python -m imagebert_jax.data.build` (the command imagebert-build)."""
+  """`python -m imagebert_jax.data.build` (the command imagebert-build; argv without the
+  program, None: sys.argv's). A bad flag or input is one line, exit status 2
+  (imagebert_jax.cli)."""
+  import logging
   import sys
 
-  from absl import app, flags
-
-  def parse(args):
-    try:
-      parsed = parse_command(args)
-    except flags.Error as e:
-      sys.exit(f"{e}\nflags: {' '.join('--' + n for n in _flags())}")
-    flags.FLAGS(args[:1])  # absl's own flags keep their defaults
-    return parsed
-
-  def run(parsed):
-    spec, finalize_only = parsed
-    if finalize_only:
-      finalize_dataset(spec)
-    else:
-      build_dataset(spec)
-
-  app.run(run, argv=list(argv) if argv is not None else None, flags_parser=parse)
+  from imagebert_jax import cli
+  from imagebert_jax.errors import Error
+  argv = [PROG, *(sys.argv[1:] if argv is None else argv)]
+  fv = _flags()
+  cli.parse_flags(fv, argv, prog=PROG, about=__doc__.split("\n\n")[0])
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  for handler in logging.getLogger().handlers:
+    cli.quiet_libraries(handler, fv.verbosity)
+  try:
+    run_command(argv)
+  except (Error, ValueError, FileNotFoundError) as e:
+    cli.refuse(PROG, " ".join(str(e).split()))
 
 
 if __name__ == "__main__":

@@ -846,25 +846,35 @@ def parse_splits(text: str) -> dict[str, int]:
 
 
 def main(argv: Iterable[str] | None = None) -> None:
-  from absl import app, flags
+  """`python -m imagebert_jax.data.realistic` (argv without the program; None: sys.argv's),
+  with imagebert_jax.cli's convention."""
+  import sys
 
-  flags.DEFINE_string("out_dir", None, "Folder for features/, dataset_scenes.json, vocab.txt.")
-  flags.DEFINE_string("images", "train=1000,val=50,test=100", "Images per split.")
-  flags.DEFINE_integer("seed", 0, "Seed of the world (classes, features) and of the scenes.")
-  flags.DEFINE_integer("feature_dim", 2048, "Region feature dimension.")
-  flags.DEFINE_integer("max_regions", 100, "Most regions per image.")
+  from absl import flags
+
+  from imagebert_jax import cli
+  prog = "python -m imagebert_jax.data.realistic"
+  f = cli.new_flags(verbosity=False)
+  d = dict(flag_values=f)
+  flags.DEFINE_string("out_dir", None, "Folder for features/, dataset_scenes.json, vocab.txt.",
+                      **d)
+  flags.DEFINE_string("images", "train=1000,val=50,test=100", "Images per split.", **d)
+  flags.DEFINE_integer("seed", 0, "Seed of the world (classes, features) and of the scenes.", **d)
+  flags.DEFINE_integer("feature_dim", 2048, "Region feature dimension.", **d)
+  flags.DEFINE_integer("max_regions", 100, "Most regions per image.", **d)
   flags.DEFINE_integer("web_images", 0, "Images of a web set beside the splits (web/: alt-text "
-                       "captions in the Conceptual Captions format).")
-  flags.mark_flags_as_required(["out_dir"])
-  f = flags.FLAGS
-
-  def run(_):
-    paths = generate(f.out_dir, parse_splits(f.images),
-                     RealisticSpec(seed=f.seed, feature_dim=f.feature_dim,
-                                   max_regions=f.max_regions), web_images=f.web_images)
-    print(json.dumps(paths, indent=1))
-
-  app.run(run, argv=argv)
+                       "captions in the Conceptual Captions format).", **d)
+  flags.mark_flags_as_required(["out_dir"], flag_values=f)
+  cli.parse_flags(f, [prog, *(sys.argv[1:] if argv is None else argv)], prog=prog,
+                  about=__doc__.split("\n\n")[0])
+  try:
+    splits = parse_splits(f.images)
+  except ValueError as e:
+    cli.refuse(prog, str(e))
+  paths = generate(f.out_dir, splits, RealisticSpec(seed=f.seed, feature_dim=f.feature_dim,
+                                                    max_regions=f.max_regions),
+                   web_images=f.web_images)
+  print(json.dumps(paths, indent=1))
 
 
 if __name__ == "__main__":

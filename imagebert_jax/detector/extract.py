@@ -22,6 +22,7 @@ from imagebert_jax.data.regionfile import RegionRecord
 from imagebert_jax.detector.config import DetectorConfig
 from imagebert_jax.detector.model import compiled_detector
 from imagebert_jax.detector.preprocess import load_image, prepare_image, to_original
+from imagebert_jax.errors import InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -41,7 +42,7 @@ def list_images(spec: str) -> tuple[list[str], str]:
             found.append(os.path.join(folder, name))
     return sorted(found, key=lambda path: paths.relative_to(path, root)), root
   if not paths.isfile(spec):
-    raise SystemExit(f"--images {spec}: no such folder or list file")
+    raise InputError(f"--images {spec}: no such folder or list file")
   root = paths.dirname(paths.absolute(spec))
   images = []
   for line in paths.read_text(spec).splitlines():
@@ -59,14 +60,14 @@ def image_id(path: str, root: str, mode: str) -> str:
 
 
 def assign_ids(images: list[str], root: str, mode: str) -> list[tuple[str, str]]:
-  """(path, id) pairs; raises SystemExit naming the first two images that share an id."""
+  """(path, id) pairs; raises InputError naming the first two images that share an id."""
   seen: dict[str, str] = {}
   out = []
   for path in images:
     key = image_id(path, root, mode)
     if key in seen:
       hint = " (try --id_from relpath)" if mode == "stem" else ""
-      raise SystemExit(f"images {seen[key]} and {path} both have id {key!r}{hint}")
+      raise InputError(f"images {seen[key]} and {path} both have id {key!r}{hint}")
     seen[key] = path
     out.append((path, key))
   return out

@@ -33,40 +33,59 @@ import json
 import logging
 import time
 
-from imagebert_jax import paths
+from imagebert_jax import cli, paths
 from imagebert_jax.data.regionfile import RegionFileWriter
-from imagebert_jax.detector import DetectorConfig, WeightsError, load_detectron2_weights
+from imagebert_jax.detector import DetectorConfig, load_detectron2_weights
+from imagebert_jax.errors import Error, InputError
 from imagebert_jax.detector.extract import assign_ids, extract_regions, list_images
 
 log = logging.getLogger("extract_features")
 
 
+PROG = "imagebert-extract"
+
+
+def _flags():
+  """The command's flags (imagebert_jax.cli's convention)."""
+  from absl import flags
+  fv = cli.new_flags()
+  flags.DEFINE_string("images", None, "A folder of images or a text file of paths.",
+                      flag_values=fv)
+  flags.DEFINE_string("weights", None, "detectron2-format .pkl of the detector.", flag_values=fv)
+  flags.DEFINE_string("output", None, "Output folder for the region files.", flag_values=fv)
+  flags.DEFINE_integer("shard_index", 0, "This run's shard of the sorted image list.",
+                       flag_values=fv)
+  flags.DEFINE_integer("num_shards", 1, "Shards of the image list.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 1, "Images per detector call.", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_enum("id_from", "stem", ["stem", "relpath"], "Image ids: file stems, or paths "
+                    "relative to the folder (or list file) without the extension.",
+                    flag_values=fv)
+  flags.DEFINE_enum("boxes", "proposals", ["proposals", "regressed"], "Write the selected "
+                    "proposals (bottom-up-attention) or their top class's regressed boxes.",
+                    flag_values=fv)
+  flags.DEFINE_bool("class_probs", False, "Also write the full class distribution of every "
+                    "region (large).", flag_values=fv)
+  flags.DEFINE_string("config", None, "JSON file of DetectorConfig overrides.", flag_values=fv)
+  flags.DEFINE_integer("max_images", 0, "Process at most this many new images in this run "
+                       "(0: all).", flag_values=fv)
+  flags.DEFINE_integer("workers", 4, "Image decoding threads.", flag_values=fv)
+  flags.DEFINE_integer("flush_every", 50, "Sync the output every N records.", flag_values=fv)
+  flags.DEFINE_bool("no_progress", False, "Log instead of a progress bar.", flag_values=fv)
+  flags.mark_flags_as_required(["images", "weights", "output"], flag_values=fv)
+  return fv
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--images", required=True, help="A folder of images or a text file of paths.")
-  p.add_argument("--weights", required=True, help="detectron2-format .pkl of the detector.")
-  p.add_argument("--output", required=True, help="Output folder for the region files.")
-  p.add_argument("--shard_index", type=int, default=0)
-  p.add_argument("--num_shards", type=int, default=1)
-  p.add_argument("--batch_size", type=int, default=1, help="Images per detector call.")
-  p.add_argument("--id_from", choices=("stem", "relpath"), default="stem")
-  p.add_argument("--boxes", choices=("proposals", "regressed"), default="proposals",
-                 help="Write the selected proposals (bottom-up-attention) or their top class's "
-                      "regressed boxes.")
-  p.add_argument("--class_probs", action="store_true",
-                 help="Also write the full class distribution of every region (large).")
-  p.add_argument("--config", default=None, help="JSON file of DetectorConfig overrides.")
-  p.add_argument("--max_images", type=int, default=0,
-                 help="Process at most this many new images in this run (0: all).")
-  p.add_argument("--workers", type=int, default=4, help="Image decoding threads.")
-  p.add_argument("--flush_every", type=int, default=50, help="Sync the output every N records.")
-  p.add_argument("--no_progress", action="store_true", help="Log instead of a progress bar.")
-  args = p.parse_args(argv)
+  """The command line's settings (argv without the program; None: sys.argv's)."""
+  import sys
+  fv = _flags()
+  cli.parse_flags(fv, [PROG, *(sys.argv[1:] if argv is None else argv)], prog=PROG,
+                  about=__doc__.split("\n\n")[0])
+  args = argparse.Namespace(**{name: fv[name].value for name in fv})
   if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
-    p.error(f"need 0 <= --shard_index < --num_shards, got {args.shard_index}, {args.num_shards}")
-  if args.batch_size < 1:
-    p.error("--batch_size must be >= 1")
+    cli.refuse(PROG, f"need 0 <= --shard_index < --num_shards, got {args.shard_index}, "
+               f"{args.num_shards}")
   return args
 
 
@@ -76,7 +95,7 @@ def load_config(path: str | None) -> DetectorConfig:
   try:
     return DetectorConfig.from_dict(json.loads(paths.read_text(path)))
   except (OSError, ValueError, TypeError) as e:
-    raise SystemExit(f"--config {path}: {e}") from None
+    raise InputError(f"--config {path}: {e}") from None
 
 
 class _Progress:
@@ -109,8 +128,13 @@ class _Progress:
 
 
 def run(argv: list[str] | None = None) -> dict:
-  """Runs the extraction; returns a summary dict (written, skipped, already_done, ...)."""
-  args = parse_args(argv)
+  """Runs the extraction of a command line (without the program); returns a summary dict
+  (written, skipped, already_done, ...)."""
+  return extract(parse_args(argv))
+
+
+def extract(args: argparse.Namespace) -> dict:
+  """Runs the extraction the settings describe (`parse_args`)."""
   cfg = load_config(args.config)
   images, root = list_images(args.images)
   items = assign_ids(images, root, args.id_from)
@@ -166,12 +190,16 @@ def run(argv: list[str] | None = None) -> dict:
           "skipped": skipped, "images_per_s": rate}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+  """The console command `imagebert-extract` (python -m imagebert_jax.detector.extract_features)."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  args = parse_args(argv)
+  for handler in logging.getLogger().handlers:
+    cli.quiet_libraries(handler, args.verbosity)
   try:
-    run()
-  except WeightsError as e:
-    raise SystemExit(str(e)) from None
+    extract(args)
+  except Error as e:
+    cli.refuse(PROG, str(e))
 
 
 if __name__ == "__main__":

@@ -39,8 +39,7 @@ from typing import Any, Iterator
 import numpy as np
 from etils import epath
 
-from imagebert_jax import paths
-from imagebert_jax import cli
+from imagebert_jax import cli, paths
 from imagebert_jax.errors import Error, SearchError
 from imagebert_jax.model.inputs import region_locations
 
@@ -503,71 +502,86 @@ def _print(out: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 # The command.
 # ------------------------------------------------------------------------------------------------
+PROG = "imagebert-search"
+USAGE = "index|query [flags]"
+# The flags that only one of the two commands takes.
+INDEX_FLAGS = ("images", "regions", "dataset", "split", "image_root", "part_size", "max_images",
+               "no_progress")
+QUERY_FLAGS = ("query", "queries", "image", "texts", "top_k", "rerank_k", "json", "html", "boxes")
+
+
+def _flags():
+  """The command's flags (imagebert_jax.cli's convention); `index` and `query` share the first
+  ones and refuse each other's (INDEX_FLAGS, QUERY_FLAGS)."""
+  from absl import flags
+  fv = cli.new_flags()
+  d = dict(flag_values=fv)
+  flags.DEFINE_string("index", None, "The index folder (local or gs://).", **d)
+  flags.DEFINE_string("model", "", "Run, stage, checkpoints or step folder of the model "
+                      "(default: the one the index was built with).", **d)
+  flags.DEFINE_string("stage", None, "With a run folder: the stage to load.", **d)
+  flags.DEFINE_integer("batch_size", 32, "Pairs or images per call.", lower_bound=1, **d)
+  flags.DEFINE_string("detector_weights", "", "detectron2-format .pkl of the region detector "
+                      "(for image files).", **d)
+  flags.DEFINE_string("detector_config", "", "JSON file of DetectorConfig fields that differ "
+                      "from the public model.", **d)
+  flags.DEFINE_integer("detector_batch_size", 1, "Images per detector call.", lower_bound=1, **d)
+  # index
+  flags.DEFINE_string("images", "", "index: a folder of images (recursive) or a list file.", **d)
+  flags.DEFINE_string("regions", "", "index: region files (.ibrf): paths or globs, commas.", **d)
+  flags.DEFINE_string("dataset", "", "index: a built dataset folder (with --split).", **d)
+  flags.DEFINE_string("split", "", "index: the dataset split to index.", **d)
+  flags.DEFINE_string("image_root", "", "index: where the image files of region files or a "
+                      "dataset are (<id>.jpg ...), for the report's thumbnails.", **d)
+  flags.DEFINE_integer("part_size", 256, "index: images per part file.", lower_bound=1, **d)
+  flags.DEFINE_integer("max_images", 0, "index: index at most this many new images in this run "
+                       "(0: all).", **d)
+  flags.DEFINE_bool("no_progress", False, "index: log instead of a progress bar.", **d)
+  # query
+  flags.DEFINE_multi_string("query", [], "query: a text query (repeat for several).", **d)
+  flags.DEFINE_multi_string("queries", [], "query: a file of text queries, one per line.", **d)
+  flags.DEFINE_multi_string("image", [], "query: an image query: an image id of the index or an "
+                            "image file.", **d)
+  flags.DEFINE_multi_string("texts", [], "query: a file of texts to rank for --image.", **d)
+  flags.DEFINE_integer("top_k", 10, "query: results per query.", lower_bound=1, **d)
+  flags.DEFINE_integer("rerank_k", 16, "query: candidates per query the cross-encoder rescores "
+                       "(0: all).", lower_bound=0, **d)
+  flags.DEFINE_string("json", "", "query: write the results here.", **d)
+  flags.DEFINE_string("html", "", "query: write a self-contained HTML report here.", **d)
+  flags.DEFINE_bool("boxes", False, "query: draw the region boxes in the report.", **d)
+  flags.mark_flags_as_required(["index"], flag_values=fv)
+  return fv
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m imagebert_jax.retrieval.search",
-                              description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = p.add_subparsers(dest="command", required=True)
-  common = argparse.ArgumentParser(add_help=False)
-  common.add_argument("--index", required=True, help="The index folder (local or gs://).")
-  common.add_argument("--model", default="",
-                      help="Run, stage, checkpoints or step folder of the model (default: the "
-                           "one the index was built with).")
-  common.add_argument("--stage", default=None, help="With a run folder: the stage to load.")
-  common.add_argument("--batch_size", type=int, default=32, help="Pairs or images per call.")
-  common.add_argument("-v", "--verbosity", type=int, default=0,
-                      help="1: the libraries' INFO logs too (default: progress, the answer, "
-                           "warnings and errors).")
-  common.add_argument("--detector_weights", default="",
-                      help="detectron2-format .pkl of the region detector (for image files).")
-  common.add_argument("--detector_config", default="",
-                      help="JSON file of DetectorConfig fields that differ from the public model.")
-  common.add_argument("--detector_batch_size", type=int, default=1,
-                      help="Images per detector call.")
-  b = sub.add_parser("index", parents=[common], help="Build or extend an index.")
-  b.add_argument("--images", default="", help="A folder of images (recursive) or a list file.")
-  b.add_argument("--regions", default="", help="Region files (.ibrf): paths or globs, commas.")
-  b.add_argument("--dataset", default="", help="A built dataset folder (with --split).")
-  b.add_argument("--split", default="", help="The dataset split to index.")
-  b.add_argument("--image_root", default="",
-                 help="Where the image files of region files or a dataset are (<id>.jpg ...), "
-                      "for the report's thumbnails.")
-  b.add_argument("--part_size", type=int, default=256, help="Images per part file.")
-  b.add_argument("--max_images", type=int, default=0,
-                 help="Index at most this many new images in this run (0: all).")
-  b.add_argument("--no_progress", action="store_true")
-  q = sub.add_parser("query", parents=[common], help="Ask the index.")
-  q.add_argument("--query", action="append", help="A text query (repeat for several).")
-  q.add_argument("--queries", action="append", help="A file of text queries, one per line.")
-  q.add_argument("--image", action="append",
-                 help="An image query: an image id of the index or an image file.")
-  q.add_argument("--texts", action="append", help="A file of texts to rank for --image.")
-  q.add_argument("--top_k", type=int, default=10)
-  q.add_argument("--rerank_k", type=int, default=16,
-                 help="Candidates per query the cross-encoder rescores (0: all).")
-  q.add_argument("--json", default="", help="Write the results here.")
-  q.add_argument("--html", default="", help="Write a self-contained HTML report here.")
-  q.add_argument("--boxes", action="store_true", help="Draw the region boxes in the report.")
-  args = p.parse_args(argv)
-  if args.batch_size < 1 or args.detector_batch_size < 1:
-    p.error("--batch_size and --detector_batch_size must be >= 1")
-  if args.command == "query" and (args.top_k < 1 or args.rerank_k < 0):
-    p.error("want --top_k >= 1 and --rerank_k >= 0")
-  if args.command == "index" and args.part_size < 1:
-    p.error("--part_size must be >= 1")
+  """The command line's settings (argv without the program; None: sys.argv's): `command`
+  ('index' or 'query') and every flag."""
+  fv = _flags()
+  rest = cli.parse_flags(fv, [PROG, *(sys.argv[1:] if argv is None else argv)], prog=PROG,
+                         usage=USAGE, about=__doc__.split("\n\n")[0])
+  if len(rest) != 1 or rest[0] not in ("index", "query"):
+    cli.refuse(PROG, f"want one command, index or query, before or among the flags; got {rest}")
+  command = rest[0]
+  other = QUERY_FLAGS if command == "index" else INDEX_FLAGS
+  given = [f"--{n}" for n in other if fv[n].present]
+  if given:
+    cli.refuse(PROG, f"{command} does not take {', '.join(given)}")
+  args = argparse.Namespace(command=command, **{name: fv[name].value for name in fv})
+  for name in ("query", "queries", "image", "texts"):  # none given: None, as before
+    setattr(args, name, getattr(args, name) or None)
   return args
 
 
 def main(argv: list[str] | None = None) -> dict:
   """Runs the command; returns its summary (build) or results (query). A problem the user can
-  fix is a SystemExit with one line."""
+  fix is one line, `imagebert-search: error: ...`, and exit status 2."""
   args = parse_args(argv)
   for handler in logging.getLogger().handlers:
     cli.quiet_libraries(handler, args.verbosity)
   try:
     return build(args) if args.command == "index" else query(args)
   except Error as e:
-    raise SystemExit(f"error: {e}") from None
+    cli.refuse(PROG, str(e))
 
 
 def command() -> None:
