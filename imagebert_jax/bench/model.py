@@ -233,7 +233,7 @@ def bench_train(config, batch_size: int, steps: int, warmup: int, stage: str,
     run = step.jitted if data_dir else compiled
     for i in range(warmup):
       state, metrics = run(state, next_batch(i))
-    jax.block_until_ready(metrics)
+    jax.block_until_ready(state)  # also with --warmup 0
     start = time.perf_counter()
     for i in range(steps):
       state, metrics = run(state, next_batch(i))
@@ -303,9 +303,8 @@ def bench_score(config, tile: tuple[int, int], steps: int, warmup: int) -> dict[
   start = time.perf_counter()
   jax.block_until_ready(scorer(params, arrays, *tiles[0]))  # compiles
   first_call_s = time.perf_counter() - start
-  for k in range(warmup):
-    out = scorer(params, arrays, *tiles[k % len(tiles)])
-  jax.block_until_ready(out)
+  jax.block_until_ready([scorer(params, arrays, *tiles[k % len(tiles)])
+                         for k in range(warmup)])
   start = time.perf_counter()
   outs = [scorer(params, arrays, *tiles[k % len(tiles)]) for k in range(steps)]
   jax.block_until_ready(outs)
