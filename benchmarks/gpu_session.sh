@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a lent GPU session runs, in one call, offline, in at most 8 minutes on one GPU, in
 # this order (what matters most first, so what the time cuts off is the optional rows):
-#   1. the GPU-only tests (tests/test_gpu.py: cuDNN attention against XLA); with
+#   1. the GPU-only tests (tests/model/test_gpu.py: cuDNN attention against XLA); with
 #      IMAGEBERT_EXPECT_GPU=1 they fail, not skip, when JAX sees no GPU;
 #   2. ours beside the PyTorch peer (benchmarks/torch_peer.py) at the paper's config and shape:
 #      hidden and attention dropout 0.1, 44 text + 100 regions, batch 128, bfloat16; the training
@@ -75,7 +75,7 @@ bench() {  # bench LABEL CAP ARGS...: imagebert_jax.bench at the paper's shape
     --steps 20 --warmup 3 --results "$results" --label "$label" "$@"
 }
 
-step "tests/test_gpu.py" 90 "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step "tests/model/test_gpu.py" 90 "$py" -m pytest -q -p no:cacheprovider tests/model/test_gpu.py
 # Compile times are part of the figures: no compilation cache.
 export JAX_COMPILATION_CACHE_DIR=
 bench "ours, paper config" 130 --batch_size 128 --modes train,score --score_tile 8x128

@@ -1,4 +1,4 @@
-"""Writes the BERT references that tests/test_bert.py compares against, with `transformers`
+"""Writes the BERT references that tests/training/test_bert.py compares against, with `transformers`
 (PyTorch, float32, evaluation mode):
 
   tests/fixtures/minilm_reference.npz  hidden states of the all-MiniLM-L6-v2 BERT (6 layers,

@@ -15,7 +15,7 @@ from flax import nnx
 from helpers import PAD, random_batch
 from imagebert_jax.model import ImageBert, ModelConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CFG = ModelConfig(vocab_size=512, hidden_size=256, num_layers=2, num_heads=4, mlp_dim=1024,
                   max_text_len=44, max_regions=100, region_feature_dim=64, num_object_classes=16,
@@ -53,7 +53,7 @@ def test_gpu_tests_skip_without_a_gpu_and_fail_when_one_is_expected():
     if expect:
       env["IMAGEBERT_EXPECT_GPU"] = "1"
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-m", "gpu", "tests/test_gpu.py"], cwd=ROOT, env=env,
+                           "-m", "gpu", "tests/model/test_gpu.py"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
   skipped = run(expect=False)
   assert skipped.returncode == 0, skipped.stdout[-2000:]

@@ -22,7 +22,7 @@ from imagebert_jax.config import runconfig
 from imagebert_jax.data.tokenizer import special_ids
 from imagebert_jax.retrieval.inference import RunConfigError, TrainedModel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

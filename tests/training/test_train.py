@@ -13,7 +13,7 @@ from conftest import load_config, smoke_config
 from imagebert_jax.training import metrics as metrics_lib
 from imagebert_jax.training import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

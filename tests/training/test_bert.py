@@ -16,8 +16,8 @@ from imagebert_jax.training import checkpoint
 from imagebert_jax.data.tokenizer import Tokenizer
 from imagebert_jax.model import ImageBert, ModelConfig
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "minilm_reference.npz")
-TINY_BERT = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_bert_mlm")
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "minilm_reference.npz")
+TINY_BERT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "tiny_bert_mlm")
 
 
 def minilm_dir() -> str:

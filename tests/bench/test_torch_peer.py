@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--layers", "2", "--hidden", "64", "--heads", "4", "--mlp", "128", "--text_len", "12",
         "--regions", "10", "--feature_dim", "32", "--vocab", "1200", "--classes", "20",
         "--device", "cpu"]

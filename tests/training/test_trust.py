@@ -17,9 +17,9 @@ import pytest
 
 from imagebert_jax.training import train
 from imagebert_jax.config.validate import ConfigError
-from test_train import load_config
+from conftest import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 24
 # Checkpoints every 5 steps, logs every 3: a checkpoint falls inside a log interval (steps 4-5 at
 # 5, step 10 at 10), so the unfinished interval's metrics saved with it are not empty.

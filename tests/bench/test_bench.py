@@ -10,7 +10,7 @@ import pytest
 from imagebert_jax.bench import model as bench
 from imagebert_jax.model import ModelConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_flops_match_the_reference_formula():

@@ -19,7 +19,7 @@ from imagebert_jax.retrieval import search
 from imagebert_jax.detector import export_state_dict, init_params, tiny_config
 from imagebert_jax.retrieval.inference import TrainedModel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png")
 
 
