@@ -66,7 +66,7 @@ def objective_default() -> ConfigDict:
       region_zero_prob=0.9, itm_neg_prob=0.5, itm_negatives="random", itm_random_share=0.0,
       itm_inputs="masked", mlm_visual_share=0.0, itm_foil_share=0.0, moc_loss="ce",
       mlm_weight=1.0, moc_weight=1.0, mrfr_weight=1.0, itm_weight=1.0, itm_rank_weight=0.0,
-      itc_weight=0.0))
+      itm_num_negatives=1, itc_weight=0.0))
 
 
 def optim_default(learning_rate: float = 1e-4) -> ConfigDict:

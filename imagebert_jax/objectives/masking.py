@@ -150,24 +150,30 @@ def sample_negatives(key: jax.Array, logits: jax.Array,
 
 
 def hard_itm_pairs(key: jax.Array, logits: jax.Array, image_key: jax.Array,
-                   random_share: float = 0.0) -> PairSwap:
-  """Image-text matching pairs with hard negatives: the batch's B matched pairs first, then one
-  negative per pair, its caption or (as often) its image replaced by one drawn from the
-  contrastive logits (`sample_negatives`), or with probability `random_share` by one drawn
-  uniformly from the other images' (the easy negatives that matching starts learning from).
-  [2B] entries; labels compare image identities."""
-  sample_key, uniform_key, side_key, share_key = jax.random.split(key, 4)
+                   random_share: float = 0.0, num_negatives: int = 1) -> PairSwap:
+  """Image-text matching pairs with hard negatives: the batch's B matched pairs first, then
+  `num_negatives` blocks of one negative per pair each, its caption or (as often) its image
+  replaced by one drawn from the contrastive logits (`sample_negatives`), or with probability
+  `random_share` by one drawn uniformly from the other images' (the easy negatives that
+  matching starts learning from). Each block draws afresh (block 0 from `key` itself, block k
+  from its fold k), so a pair may meet one negative twice. [(1 + K) B] entries, pair i's
+  negatives at B + i, 2B + i, ...; labels compare image identities."""
   b = image_key.shape[0]
   own = jnp.arange(b, dtype=jnp.int32)
-  neg_caption, neg_image = sample_negatives(sample_key, logits, image_key)
-  if random_share > 0:
-    any_caption, any_image = sample_negatives(uniform_key, jnp.zeros_like(logits), image_key)
-    easy = jax.random.uniform(share_key, (b,)) < random_share
-    neg_caption = jnp.where(easy, any_caption, neg_caption)
-    neg_image = jnp.where(easy, any_image, neg_image)
-  swap_text = jax.random.uniform(side_key, (b,)) < 0.5
-  text_src = jnp.concatenate([own, jnp.where(swap_text, neg_caption, own)])
-  region_src = jnp.concatenate([own, jnp.where(swap_text, own, neg_image)])
+  text_src, region_src = [own], [own]
+  for k in range(num_negatives):
+    sample_key, uniform_key, side_key, share_key = jax.random.split(
+        key if k == 0 else jax.random.fold_in(key, k), 4)
+    neg_caption, neg_image = sample_negatives(sample_key, logits, image_key)
+    if random_share > 0:
+      any_caption, any_image = sample_negatives(uniform_key, jnp.zeros_like(logits), image_key)
+      easy = jax.random.uniform(share_key, (b,)) < random_share
+      neg_caption = jnp.where(easy, any_caption, neg_caption)
+      neg_image = jnp.where(easy, any_image, neg_image)
+    swap_text = jax.random.uniform(side_key, (b,)) < 0.5
+    text_src.append(jnp.where(swap_text, neg_caption, own))
+    region_src.append(jnp.where(swap_text, own, neg_image))
+  text_src, region_src = jnp.concatenate(text_src), jnp.concatenate(region_src)
   labels = (image_key[text_src] == image_key[region_src]).astype(jnp.float32)
   return PairSwap(text_src, region_src, labels)
 

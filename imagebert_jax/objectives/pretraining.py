@@ -82,6 +82,9 @@ class PretrainObjective:
   # ranking (the logistic loss of their difference, BPR / RankNet): the comparison re-ranking
   # makes, where the binary loss only calibrates each score alone. 0: off (the paper's).
   itm_rank_weight: float = 0.0
+  # With itm_negatives 'hard': negatives drawn per pair and step (each its own matching row;
+  # the rank loss ranks the pair above all of them). 1: one, as ALBEF.
+  itm_num_negatives: int = 1
   itc_weight: float = 0.0  # the contrastive loss on the unmasked matched pairs (0: off)
 
   def validate(self) -> None:
@@ -94,6 +97,10 @@ class PretrainObjective:
     if self.itm_inputs not in ("masked", "clean"):
       raise ValueError(f"config.objective.itm_inputs={self.itm_inputs!r}: want 'masked' or "
                        "'clean'")
+    if self.itm_num_negatives < 1 or (self.itm_num_negatives > 1
+                                      and self.itm_negatives != "hard"):
+      raise ValueError(f"config.objective.itm_num_negatives={self.itm_num_negatives}: want 1, or "
+                       "more with itm_negatives='hard'")
     if self.itm_rank_weight and self.itm_negatives != "hard":
       raise ValueError("config.objective.itm_rank_weight > 0 needs itm_negatives='hard' (each "
                        "pair is ranked against its own negative)")
@@ -155,10 +162,15 @@ def mrfr_loss(prediction: jax.Array, target: jax.Array, weights: jax.Array) -> j
   return weighted_mean(per, weights)
 
 
-def pairwise_rank_loss(positive: jax.Array, negative: jax.Array, valid: jax.Array) -> jax.Array:
-  """Mean over the valid pairs of log(1 + exp(negative - positive)): each positive's score
-  ranked above its negative's."""
-  return weighted_mean(jax.nn.softplus(negative - positive), valid.astype(jnp.float32))
+def rank_loss(positive: jax.Array, negatives: jax.Array, valid: jax.Array) -> jax.Array:
+  """Each positive's score ranked above its own negatives': positive [B], negatives [B, K],
+  valid [B, K]. Per pair with a valid negative, -log softmax of the positive among it and its
+  valid negatives (ListNet's top-one loss); with K = 1 that is log(1 + exp(negative -
+  positive)), RankNet's logistic loss of the difference. The mean over those pairs."""
+  negatives = jnp.where(valid, negatives, -jnp.inf)
+  per = jax.nn.logsumexp(jnp.concatenate([positive[:, None], negatives], 1), axis=1) - positive
+  has = valid.any(axis=1)
+  return weighted_mean(jnp.where(has, per, 0.0), has.astype(jnp.float32))
 
 
 def itm_loss(logits: jax.Array, labels: jax.Array):
@@ -186,7 +198,8 @@ def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
         dropout_key=jax.random.fold_in(dropout_key, 1) if train else None, regions=projected)
   if obj.itm_negatives == "hard":
     logits = model.itc_scale() * (embedded[0] @ embedded[1].T)
-    swap = masking.hard_itm_pairs(itm_key, logits, batch["image_key"], obj.itm_random_share)
+    swap = masking.hard_itm_pairs(itm_key, logits, batch["image_key"], obj.itm_random_share,
+                                  obj.itm_num_negatives)
   else:
     swap = masking.itm_pairs(itm_key, batch["image_key"], obj.itm_neg_prob)
   pair_fields = ("text_ids", "region_feat", "region_loc", "num_regions", "region_class")
@@ -198,10 +211,12 @@ def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
     kinds = word_kinds(model.cfg.vocab_size, obj.object_token_ids, obj.attribute_token_ids)
     foils, has = masking.swap_foils(foil_key, batch["text_ids"], kinds)
     use = has & (jax.random.uniform(share_key, has.shape) < obj.itm_foil_share)
-    use = jnp.concatenate([jnp.zeros_like(use), use])  # the negative rows only
-    own = jnp.concatenate([jnp.arange(b), jnp.arange(b)])
+    blocks = 1 + obj.itm_num_negatives
+    # The first negative block only.
+    use = jnp.concatenate([jnp.zeros_like(use), use] + [jnp.zeros_like(use)] * (blocks - 2))
+    own = jnp.tile(jnp.arange(b), blocks)
     pairs = {k: jnp.where(use.reshape((-1,) + (1,) * (v.ndim - 1)),
-                          jnp.concatenate([foils, foils]) if k == "text_ids" else batch[k][own], v)
+                          jnp.tile(foils, (blocks, 1)) if k == "text_ids" else batch[k][own], v)
              for k, v in pairs.items()}
     swap = swap._replace(region_src=jnp.where(use, own, swap.region_src),
                          labels=jnp.where(use, 0.0, swap.labels))
@@ -255,8 +270,9 @@ def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
   total = (obj.mlm_weight * l_mlm + obj.moc_weight * l_moc + obj.mrfr_weight * l_mrfr
            + obj.itm_weight * l_itm)
   l_rank = None
-  if obj.itm_rank_weight:  # rows [0, b): the matched pairs; [b, 2b): pair i's negative
-    l_rank = pairwise_rank_loss(itm_logits[:b], itm_logits[b:], swap.labels[b:] == 0)
+  if obj.itm_rank_weight:  # rows [0, b): the matched pairs; b + i, 2b + i, ...: pair i's negatives
+    l_rank = rank_loss(itm_logits[:b], itm_logits[b:].reshape(-1, b).T,
+                       (swap.labels[b:] == 0).reshape(-1, b).T)
     total = total + obj.itm_rank_weight * l_rank
   metrics = {
       "loss": total, "mlm_loss": l_mlm, "moc_loss": l_moc, "mrfr_loss": l_mrfr,

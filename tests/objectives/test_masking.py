@@ -184,16 +184,42 @@ def test_swap_foils_hand_worked():
   assert seen == {(CLS, 5, 6, 10, 8, 5, 9, 7, SEP, PAD), (CLS, 5, 9, 7, 8, 5, 6, 10, SEP, PAD)}
 
 
-def test_pairwise_rank_loss_against_numpy():
-  from imagebert_jax.objectives.pretraining import PretrainObjective, pairwise_rank_loss
+def test_rank_loss_against_numpy():
+  from imagebert_jax.objectives.pretraining import PretrainObjective, rank_loss
   pos = np.array([2.0, -1.0, 0.5, 3.0], np.float32)
   neg = np.array([1.0, 1.0, 0.5, -2.0], np.float32)
   valid = np.array([True, True, False, True])  # the third pair's "negative" is a match
   want = np.mean([np.log1p(np.exp(n - p)) for p, n, v in zip(pos, neg, valid) if v])
-  np.testing.assert_allclose(float(pairwise_rank_loss(pos, neg, valid)), want, rtol=1e-6)
+  got = rank_loss(pos, neg[:, None], valid[:, None])
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
+  # Two negatives per pair: -log(e^p / (e^p + sum of the valid negatives' e^n)), by hand.
+  negs = np.array([[1.0, 0.0], [1.0, 3.0], [0.5, 0.5], [-2.0, 4.0]], np.float32)
+  ok = np.array([[True, True], [True, False], [False, False], [True, True]])
+  per = [-p + np.log(np.exp(p) + np.exp(n[v]).sum()) for p, n, v in zip(pos, negs, ok) if v.any()]
+  np.testing.assert_allclose(float(rank_loss(pos, negs, ok)), np.mean(per), rtol=1e-6)
   # A pair ranked right by a wide margin costs almost nothing; ranked wrong, about the margin.
-  assert float(pairwise_rank_loss(np.array([9.0]), np.array([0.0]), np.array([True]))) < 1e-3
-  assert abs(float(pairwise_rank_loss(np.array([0.0]), np.array([9.0]),
-                                      np.array([True]))) - 9.0) < 1e-3
+  assert float(rank_loss(np.array([9.0]), np.array([[0.0]]), np.array([[True]]))) < 1e-3
+  assert abs(float(rank_loss(np.array([0.0]), np.array([[9.0]]), np.array([[True]]))) - 9.0) < 1e-3
   with pytest.raises(ValueError, match="itm_rank_weight"):
     PretrainObjective(itm_rank_weight=1.0).validate()
+  with pytest.raises(ValueError, match="itm_num_negatives=3"):
+    PretrainObjective(itm_num_negatives=3).validate()
+
+
+def test_hard_itm_pairs_with_several_negatives_per_pair():
+  rng = np.random.default_rng(4)
+  b, k = 32, 3
+  logits = jnp.asarray(rng.normal(size=(b, b)).astype(np.float32))
+  keys = jnp.arange(b, dtype=jnp.int32)
+  one = jax.device_get(masking.hard_itm_pairs(jax.random.key(2), logits, keys))
+  out = jax.device_get(masking.hard_itm_pairs(jax.random.key(2), logits, keys,
+                                              num_negatives=k))
+  idx = np.arange(b)
+  np.testing.assert_array_equal(out.labels, np.r_[np.ones(b), np.zeros(k * b)])
+  # The first block is the one-negative draw itself; each block replaces one side of each pair.
+  np.testing.assert_array_equal(out.text_src[:2 * b], one.text_src)
+  np.testing.assert_array_equal(out.region_src[:2 * b], one.region_src)
+  for block in range(1, k + 1):
+    t, r = out.text_src[block * b:(block + 1) * b], out.region_src[block * b:(block + 1) * b]
+    assert np.all((t == idx) ^ (r == idx))
+  assert not np.array_equal(out.text_src[b:2 * b], out.text_src[2 * b:3 * b])
