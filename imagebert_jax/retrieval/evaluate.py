@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from imagebert_jax import parallel, paths
 from imagebert_jax.data.splits import Split  # noqa: F401  (the evaluations' input)
+from imagebert_jax.retrieval import scoring
 
 KS = (1, 5, 10)
 
@@ -193,8 +194,6 @@ def make_scorer(graphdef: Any, mesh, rules, *, tile_images: int, tile_captions: 
     img_idx = jax.lax.with_sharding_constraint(img_idx, NamedSharding(mesh, pair_spec))
     cap_idx = jax.lax.with_sharding_constraint(cap_idx, NamedSharding(mesh, pair_spec))
     ids = text[cap_idx]
-    n = nreg[img_idx]
-    region_mask = jnp.arange(feat.shape[1])[None, :] < n[:, None]
     model = nnx.merge(graphdef, params)
     # Each image's regions projected once for the tile, then given to each of its captions'
     # pairs (the projection is a function of the image alone).
@@ -203,9 +202,7 @@ def make_scorer(graphdef: Any, mesh, rules, *, tile_images: int, tile_captions: 
     regions = jax.lax.with_sharding_constraint(
         regions, NamedSharding(mesh, parallel.logical_to_spec(("batch", None, None), rules,
                                                               mesh=mesh)))
-    text_mask = ids != pad_id
-    text_h, region_h = model.encode(ids, text_mask, None, None, region_mask, regions=regions)
-    logits = model.itm_logit(text_h, region_h, region_mask, text_mask)
+    logits = scoring.match_logits(model, ids, None, None, nreg[img_idx], pad_id, regions=regions)
     return logits.reshape(tile_images, tile_captions)
 
   # The tile comes back replicated: every process can read it (multi-host evaluation).

@@ -25,7 +25,6 @@ import logging
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
@@ -36,6 +35,7 @@ from imagebert_jax.config import defaults as config_defaults
 from imagebert_jax.config import runconfig
 from imagebert_jax.errors import RunConfigError
 from imagebert_jax.model import ModelConfig
+from imagebert_jax.retrieval import scoring
 from imagebert_jax.model.inputs import region_locations
 from imagebert_jax.training import checkpoint as ckpt_lib
 from imagebert_jax.training import state as state_lib
@@ -287,15 +287,13 @@ class TrainedModel:
       return nnx.merge(graphdef, params)
 
     def text_emb(params, ids):
-      return merged(params).text_embedding(ids, ids != pad)
+      return scoring.text_embeddings(merged(params), ids, pad)
 
     def image_emb(params, feat, loc, count):
-      mask = jnp.arange(feat.shape[1])[None, :] < count[:, None]
-      return merged(params).image_embedding(feat, loc, mask, cls_sep)
+      return scoring.image_embeddings(merged(params), feat, loc, count, cls_sep)
 
     def cross(params, ids, feat, loc, count):
-      mask = jnp.arange(feat.shape[1])[None, :] < count[:, None]
-      return merged(params)(ids, ids != pad, feat, loc, mask)
+      return scoring.match_logits(merged(params), ids, feat, loc, count, pad)
 
     self._text_emb, self._image_emb, self._cross = (jax.jit(f) for f in (text_emb, image_emb,
                                                                           cross))

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from imagebert_jax.retrieval import evaluate as eval_lib
+from imagebert_jax.retrieval import scoring
 from imagebert_jax import parallel, paths
 
 RERANK_CHUNKS = "rerank_chunks"
@@ -140,15 +141,14 @@ def _embedders(graphdef: Any, mesh, rules, pad_id: int, cls_sep: tuple[int, int]
     feat, loc, nreg, _ = arrays
     idx = jax.lax.with_sharding_constraint(
         jnp.minimum(i0 + jnp.arange(tile), feat.shape[0] - 1), pair_spec)
-    mask = jnp.arange(feat.shape[1])[None, :] < nreg[idx][:, None]
-    return nnx.merge(graphdef, params).image_embedding(feat[idx], loc[idx], mask, cls_sep)
+    return scoring.image_embeddings(nnx.merge(graphdef, params), feat[idx], loc[idx], nreg[idx],
+                                    cls_sep)
 
   def texts(params, arrays, j0):
     text = arrays[3]
     idx = jax.lax.with_sharding_constraint(
         jnp.minimum(j0 + jnp.arange(tile), text.shape[0] - 1), pair_spec)
-    ids = text[idx]
-    return nnx.merge(graphdef, params).text_embedding(ids, ids != pad_id)
+    return scoring.text_embeddings(nnx.merge(graphdef, params), text[idx], pad_id)
 
   replicated = NamedSharding(mesh, P())
   return (jax.jit(images, out_shardings=replicated), jax.jit(texts, out_shardings=replicated))
@@ -181,9 +181,8 @@ def _pair_scorer(graphdef: Any, mesh, rules, pad_id: int):
     feat, loc, nreg, text = arrays
     img = jax.lax.with_sharding_constraint(img, pair_spec)
     cap = jax.lax.with_sharding_constraint(cap, pair_spec)
-    ids = text[cap]
-    mask = jnp.arange(feat.shape[1])[None, :] < nreg[img][:, None]
-    return nnx.merge(graphdef, params)(ids, ids != pad_id, feat[img], loc[img], mask)
+    return scoring.match_logits(nnx.merge(graphdef, params), text[cap], feat[img], loc[img],
+                                nreg[img], pad_id)
 
   return jax.jit(score, out_shardings=NamedSharding(mesh, P()))
 
