@@ -53,8 +53,6 @@ def parse_flags(fv, argv: list[str], *, prog: str, usage: str = "[flags]",
   """Parses `argv` (argv[0] is the program) on `fv`; returns the positional arguments after
   the program. `--help` / `-h` prints the usage, `about` and the flags, and exits 0; a bad,
   unknown or missing flag is one line on stderr (`<prog>: error: ...`), exit status 2."""
-  import sys
-
   from absl import flags
   argv = list(argv)
   if any(a in ("-h", "--help", "-help", "--helpfull", "--helpshort") for a in argv[1:]):
@@ -64,8 +62,7 @@ def parse_flags(fv, argv: list[str], *, prog: str, usage: str = "[flags]",
   try:
     return fv(argv)[1:]
   except flags.Error as e:
-    print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
-    raise SystemExit(2) from None
+    refuse(prog, str(e))
 
 
 def absl_parser(prog: str):
@@ -77,13 +74,14 @@ def absl_parser(prog: str):
     try:
       return flags.FLAGS(argv)
     except flags.Error as e:
-      refuse(prog, " ".join(str(e).split()))
+      refuse(prog, str(e))
   return parse
 
 
 def refuse(prog: str, message: str) -> None:
   """What a command refuses (a flag combination, an imagebert_jax.errors.Error): one line on
-  stderr, `<prog>: error: <message>`, exit status 2."""
+  stderr, `<prog>: error: <message>` (a message of several lines joined into one), exit
+  status 2."""
   import sys
-  print(f"{prog}: error: {message}", file=sys.stderr)
+  print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
   raise SystemExit(2)

@@ -72,7 +72,7 @@ def main(argv):
     config = _CONFIG.value
     config.keys()
   except OSError as e:
-    cli.refuse(PROG, "--config: " + " ".join(str(e).split()))
+    cli.refuse(PROG, f"--config: {e}")
   # Quiet by default: the libraries' INFO logs only with --verbosity 1 (-v 1).
   cli.quiet_libraries(logging.get_absl_handler(), flags.FLAGS.verbosity)
   import jax

@@ -324,7 +324,7 @@ def main(argv: Iterable[str] | None = None) -> None:
   try:
     run_command(argv)
   except (Error, ValueError, FileNotFoundError) as e:
-    cli.refuse(PROG, " ".join(str(e).split()))
+    cli.refuse(PROG, str(e))
 
 
 if __name__ == "__main__":

@@ -417,8 +417,8 @@ def query(args) -> dict:
   from imagebert_jax.retrieval.inference import TrainedModel, two_stage_rank
   index = Index(args.index)
   manifest = index.manifest()
-  texts = list(args.query or [])
-  for path in args.queries or []:
+  texts = list(args.query)
+  for path in args.queries:
     texts.extend(_read_lines(path))
   if not texts and not args.image:
     raise SearchError("nothing to ask: give --query, --queries or --image")
@@ -566,10 +566,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   given = [f"--{n}" for n in other if fv[n].present]
   if given:
     cli.refuse(PROG, f"{command} does not take {', '.join(given)}")
-  args = argparse.Namespace(command=command, **{name: fv[name].value for name in fv})
-  for name in ("query", "queries", "image", "texts"):  # none given: None, as before
-    setattr(args, name, getattr(args, name) or None)
-  return args
+  return argparse.Namespace(command=command, **{name: fv[name].value for name in fv})
 
 
 def main(argv: list[str] | None = None) -> dict:

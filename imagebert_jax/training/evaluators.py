@@ -131,7 +131,7 @@ class ValidationEvaluator:
     return {f"{self.prefix}/{k}": v for k, v in metrics.items()}
 
   def summary(self) -> dict:
-    self.best.close()
+    """The best validated step (after `close`, which waits for its checkpoint's writes)."""
     step, rsum = self.best.best()
     logging.info("[%s] best validation RSUM %.2f at step %d", self.ctx.name, rsum, step)
     return {"best": {"step": step, "val/rsum": rsum}}

@@ -573,16 +573,23 @@ class TrainData:
     self.saved.prune(checkpointer.all_steps() + [step])
 
 
-def finish_stage(ctx: evaluators_lib.Context, step: int, book: Logbook, evaluators: dict,
-                 checkpointer) -> dict:
-  """Closes the stage's writers; its summary (DONE.json), printed for pretraining."""
+def close_stage(book: Logbook, checkpointer, evaluators: dict) -> None:
+  """Waits for the stage's writes to finish and closes its writers, checkpoints and
+  evaluators (the best checkpoint's among them)."""
   book.close()
   checkpointer.close()
+  for evaluator in evaluators.values():
+    evaluator.close()
+
+
+def finish_stage(ctx: evaluators_lib.Context, step: int, book: Logbook, evaluators: dict,
+                 checkpointer) -> dict:
+  """Closes the stage; its summary (DONE.json), printed for pretraining."""
+  close_stage(book, checkpointer, evaluators)
   summary = {"kind": ctx.stage.kind, "final_step": step, "train_first": book.first,
              "train_last": book.last, "eval": book.evals, "alarms": book.monitor.alarms}
   for evaluator in evaluators.values():
     summary.update(evaluator.summary())
-    evaluator.close()
   if ctx.stage.kind == "pretrain":
     ids = ctx.ids
     summary["chance"] = {
@@ -630,10 +637,7 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> d
       if save_now:
         data.checkpoint(step, state, checkpointer, book)
       if stop:
-        book.close()
-        checkpointer.close()
-        for evaluator in evaluators.values():
-          evaluator.close()
+        close_stage(book, checkpointer, evaluators)
         raise Preempted(f"[{name}] stopped at step {step} on a termination signal; the "
                         "checkpoint is written: rerun the same command to resume")
   finally:
