@@ -17,10 +17,15 @@ _PROGRESS = (os.sep + "clu" + os.sep,)
 
 class QuietLibraries(logging.Filter):
   """Passes warnings and errors, and records below WARNING only from this package (and clu's
-  metric lines)."""
+  metric lines); not a library's log of one of this package's errors (a Beam worker's, say),
+  which the command prints as its one line."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     path = record.pathname or ""
+    if record.exc_info and not path.startswith(_PACKAGE):
+      from imagebert_jax.errors import Error
+      if isinstance(record.exc_info[1], Error):
+        return False  # a user's error that a library logs on its way up: the command prints it
     return (record.levelno >= logging.WARNING or path.startswith(_PACKAGE)
             or any(p in path for p in _PROGRESS))
 

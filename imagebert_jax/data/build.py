@@ -1,27 +1,27 @@
 """Builds a dataset from region features and captions: `python -m imagebert_jax.data.build ...`.
 
-Regions are streamed file by file; captions go to an on-disk index first; each image's record gets
-its captions, tokenized once. Memory stays bounded whatever the dataset size. A build can be split
-over machines (`--num_shards N --shard_index i` on each, by a hash of the image id; then one
-`--finalize_only` run), is deterministic, logs records/s, and ends with a report of what was kept
-and what was skipped and why. See the README for one command per public dataset.
+The build is an Apache Beam pipeline (`build_pipeline`): region files are read in parallel,
+captions joined to images by id, captions tokenized and regions selected, and the records written
+as TFRecord shards that TFDS reads (`tfds.builder_from_directory`). Without
+`--beam_pipeline_options` it runs on Beam's DirectRunner in this one process; with them, on
+whatever runner they name (`direct_num_workers=2,direct_running_mode=multi_processing`, or
+`runner=DataflowRunner,project=...`), the same pipeline giving the same records. Memory stays
+bounded whatever the dataset size. It ends with a report of what was kept and what was skipped and
+why (Beam counters). See the README for one command per public dataset.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
-import os
-import tempfile
+import re
+import shlex
 import time
-import zlib
 from typing import Iterable
 
 from imagebert_jax import paths
 from imagebert_jax.data import builder, captions as captions_lib, formats, records
-from imagebert_jax.data.regionfile import RegionRecord
-from imagebert_jax.data.tokenizer import Tokenizer
+from imagebert_jax.errors import InputError
 
 
 @dataclasses.dataclass
@@ -42,14 +42,11 @@ class BuildSpec:
   class_probs_dim: int = 0         # >0: store the full class distribution (UNITER npz, region
                                    # files), e.g. 1600; needed by the KL variant of MOC
   image_id_mode: str = "none"      # see formats.canonical_id
-  shard_index: int = 0
-  num_shards: int = 1
-  log_every: int = 10_000
+  records_per_shard: int = 1000    # most records per output shard
+  beam_options: str = ""           # Beam pipeline options, "key=value,key=value" ("": this
+                                   # process, DirectRunner)
+  log_every: int = 10_000          # kept for callers; each region file's writing is logged
   extra_info: dict = dataclasses.field(default_factory=dict)  # more fields for the summary file
-
-
-def shard_of(image_id: str, num_shards: int) -> int:
-  return zlib.crc32(image_id.encode("utf-8")) % num_shards
 
 
 def _has_labels(spec: BuildSpec, region_paths: list[str]) -> bool:
@@ -69,111 +66,92 @@ def _has_labels(spec: BuildSpec, region_paths: list[str]) -> bool:
   return True
 
 
-def build_dataset(spec: BuildSpec, *, finalize: bool | None = None) -> dict:
-  """Writes this shard of every split; finalises when there is one shard (or when asked)."""
+def pipeline_options(text: str):
+  """Beam's PipelineOptions of `--beam_pipeline_options` ("key=value,key=value", as `tfds
+  build` takes them, or "--key=value --key=value"); by default the DirectRunner in this
+  process."""
+  from imagebert_jax.data import build_pipeline  # Beam, imported quietly
+  PipelineOptions = build_pipeline.beam.options.pipeline_options.PipelineOptions
+
+  if text.lstrip().startswith("--"):  # flags as on a command line (a value may hold commas)
+    given = shlex.split(text)
+  else:
+    given = [f"--{opt.strip()}" for opt in text.split(",") if opt.strip()]
+  return PipelineOptions(["--runner=DirectRunner", "--direct_num_workers=1",
+                          "--direct_running_mode=in_memory", *given])
+
+
+_WORKER_ERROR = re.compile(r"(?:InputError|RegionFileError): (.+?)(?: \[while running [^\]]*\])*$",
+                           re.MULTILINE)
+
+
+def _user_error(error: Exception) -> InputError | None:
+  """The one-line input error inside a failed pipeline's exception (a worker's, re-raised by the
+  runner with its traceback and step names), or None when it is not one."""
+  seen = error
+  while seen is not None:
+    if isinstance(seen, InputError):
+      return InputError(str(seen).split(" [while running")[0])
+    seen = seen.__cause__ or seen.__context__
+  m = _WORKER_ERROR.search(str(error))
+  return InputError(m.group(1).strip()) if m else None
+
+
+def _clear_old_shards(spec: BuildSpec) -> None:
+  """Removes the shards and shard reports an earlier build of this dataset left in the folder
+  (a new build may cut the records into another number of shards)."""
+  old = (paths.glob(paths.join(spec.out_dir, f"{spec.name}-*.tfrecord-*"))
+         + paths.glob(paths.join(spec.out_dir, f"{spec.name}-*.report-*.json")))
+  if old:
+    logging.info("%s: removing %d shard files of an earlier build in %s", spec.name, len(old),
+                 spec.out_dir)
+  for path in old:
+    paths.remove(path)
+
+
+def build_dataset(spec: BuildSpec) -> dict:
+  """Builds the dataset (every split) and returns its summary (`imagebert_dataset.json`)."""
+  from imagebert_jax.data import build_pipeline
+  beam = build_pipeline.beam
+
   start = time.time()
   region_paths = formats.expand_paths(spec.regions)
   if not region_paths:
-    raise ValueError(f"--regions {spec.regions}: no files")
+    raise InputError(f"--regions {spec.regions}: no files")
+  units = captions_lib.caption_units(spec.caption_source, spec.captions)
+  if not units:
+    raise InputError(f"--captions {spec.captions}: no usable captions")
+  if spec.records_per_shard < 1:
+    raise InputError(f"records_per_shard={spec.records_per_shard}: want at least 1")
   has_labels = _has_labels(spec, region_paths)
   if not has_labels:
     logging.warning("%s: the region features carry no object class labels (bottom-up-attention "
                     "TSV): masked object classification will be turned off for this dataset",
                     spec.name)
-  opts = _record_options(spec, has_labels)
-  tokenizer = Tokenizer(spec.vocab_file, max_len=spec.max_text_len)
-  report = builder.BuildReport()
+  plan = build_pipeline.Plan(
+      name=spec.name, out_dir=spec.out_dir, region_paths=tuple(region_paths),
+      caption_units=tuple(units), caption_source=spec.caption_source,
+      region_format=spec.region_format, split=spec.split, vocab_file=spec.vocab_file,
+      max_text_len=spec.max_text_len, image_id_mode=spec.image_id_mode,
+      records_per_shard=spec.records_per_shard, opts=_record_options(spec, has_labels))
   paths.makedirs(spec.out_dir)
-
-  # ---- Captions: this shard's, into an on-disk index ------------------------------------------
-  # Beside the dataset when it is local (it can be large); in the temporary folder otherwise.
-  fd, index_path = tempfile.mkstemp(prefix=f".{spec.name}-captions-", suffix=".sqlite",
-                                    dir=None if paths.is_url(spec.out_dir) else spec.out_dir)
-  os.close(fd)
-  index = captions_lib.CaptionIndex(index_path)
-  splits: set[str] = set()
-
-  def all_captions():
-    for item in captions_lib.read_captions(spec.caption_source, spec.captions, spec.split):
-      if isinstance(item, captions_lib.Caption):
-        splits.add(item.split)
-      yield item
-
-  n_captions = index.add_all(
-      all_captions(), keep=lambda i: shard_of(i, spec.num_shards) == spec.shard_index,
-      id_mode=spec.image_id_mode, on_problem=lambda p: report.skip(p.reason, p.message, p.count))
-  logging.info("%s: indexed %d captions of this shard (splits %s)", spec.name, n_captions,
-               sorted(splits))
-  if not splits:
-    raise ValueError(f"--captions {spec.captions}: no usable captions")
-
-  # ---- Regions: stream, join, write ---------------------------------------------------------
-  writers = {s: builder.ShardWriter(spec.out_dir, spec.name, s, opts,
-                                    shard_index=spec.shard_index, num_shards=spec.num_shards,
-                                    log_every=spec.log_every)
-             for s in sorted(splits)}
-  n_items = 0
+  _clear_old_shards(spec)
+  options = pipeline_options(spec.beam_options)
   try:
-    for where, item in formats.read_regions(region_paths, spec.region_format, spec.feature_dim):
-      n_items += 1
-      if isinstance(item, formats.Problem):
-        report.skip(item.reason, item.message)
-        continue
-      image_id = formats.canonical_id(item.image_id, spec.image_id_mode)
-      if shard_of(image_id, spec.num_shards) != spec.shard_index:
-        continue
-      if opts.class_probs_dim and (item.class_probs is None
-                                   or item.class_probs.shape[1] != opts.class_probs_dim):
-        report.skip("class_probs", f"{where}: no class distribution of "
-                                   f"{opts.class_probs_dim} classes, which --class_probs_dim "
-                                   "asks for")
-        continue
-      if not index.first_time(image_id):
-        report.skip("duplicate_image_id", f"{where}: a second set of region features for image "
-                                          f"{image_id}; the first is kept")
-        continue
-      found = index.lookup(image_id)
-      if not found:
-        report.skip("image_without_captions", f"{where}: region features but no captions")
-        continue
-      if item.num_boxes > opts.max_boxes:
-        report.note("too_many_boxes", f"{where}: {item.num_boxes} boxes, the best "
-                                      f"{opts.max_boxes} are kept")
-      _write(item, image_id, found, opts, tokenizer, writers)
-      if spec.log_every and n_items % spec.log_every == 0:
-        logging.info("%s shard %d/%d: %d region records read, %.0f/s", spec.name,
-                     spec.shard_index, spec.num_shards, n_items, n_items / (time.time() - start))
-    images, caps, ids = index.unused()
-    if caps:
-      report.skip("captions_without_image",
-                  f"{caps} captions of {images} images have no region features "
-                  f"(e.g. images {', '.join(ids[:5])})", count=caps)
-  finally:
-    index.close()
-  for writer in writers.values():
-    part = writer.close()
-    report.records += part.records
-    report.pairs += part.pairs
-    report.num_bytes += part.num_bytes
-  report.seconds = time.time() - start
-  builder.write_shard_report(spec.out_dir, spec.name, spec.shard_index, spec.num_shards, report,
-                             extra={"has_object_labels": has_labels})
-  logging.info("%s shard %d/%d: %s in %.1fs", spec.name, spec.shard_index, spec.num_shards,
-               report.summary(), report.seconds)
-  if finalize if finalize is not None else spec.num_shards == 1:
-    return finalize_dataset(spec)
-  return {"shard": report.to_json()}
-
-
-def _write(record: RegionRecord, image_id: str, found, opts, tokenizer, writers) -> None:
-  selected = records.select_regions(dataclasses.replace(record, image_id=image_id), opts)
-  by_split = collections.defaultdict(list)
-  for split, text, _ in found:
-    by_split[split].append(text)
-  for split, texts in by_split.items():
-    example = records.make_example(selected, texts, tokenizer.encode_batch(texts), opts,
-                                   source_order=found[0][2])
-    writers[split].write(example)
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline.build(pipeline, plan)
+    result = pipeline.run()
+    result.wait_until_finish()
+  except Exception as e:  # a worker's error comes back wrapped by the runner
+    user_error = _user_error(e)
+    if user_error is None:
+      raise
+    raise user_error from None
+  skipped, repaired, read = build_pipeline.counted(result)
+  if not read.get("captions"):
+    raise InputError(f"--captions {spec.captions}: no usable captions")
+  logging.info("%s: built in %.1fs", spec.name, time.time() - start)
+  return finalize_dataset(spec, skipped, repaired, has_labels)
 
 
 def _record_options(spec: BuildSpec, has_object_labels: bool) -> records.RecordOptions:
@@ -193,18 +171,14 @@ def keep_vocab(vocab_file: str, out_dir: str) -> str:
   return records.VOCAB_FILE
 
 
-def finalize_dataset(spec: BuildSpec) -> dict:
+def finalize_dataset(spec: BuildSpec, skipped: dict[str, int], repaired: dict[str, int],
+                     has_labels: bool) -> dict:
   """Checks all shards are there; writes TFDS metadata and the summary; prints the report."""
-  shard_reports = builder.read_shard_reports(spec.out_dir, spec.name)
-  labels = all(r.get("has_object_labels", True) for r in shard_reports)
-  opts = _record_options(spec, labels)
-  skipped, repaired = collections.Counter(), collections.Counter()
-  for r in shard_reports:
-    skipped.update(r["skipped"])
-    repaired.update(r.get("repaired", {}))
+  opts = _record_options(spec, has_labels)
   info = builder.finalize(spec.out_dir, spec.name, opts, extra_info={
       "vocab_file": keep_vocab(spec.vocab_file, spec.out_dir), "max_text_len": spec.max_text_len,
-      "skipped": dict(skipped), "repaired": dict(repaired), "image_id_mode": spec.image_id_mode,
+      "skipped": dict(sorted(skipped.items())), "repaired": dict(sorted(repaired.items())),
+      "image_id_mode": spec.image_id_mode,
       "sources": {"regions": spec.regions, "captions": spec.captions,
                   "caption_source": spec.caption_source, "vocab_file": spec.vocab_file},
       **spec.extra_info})
@@ -259,29 +233,40 @@ def _flags():
                       "finds its visual words.", flag_values=fv)
   flags.DEFINE_string("attribute_names", "", "The detector's attribute names, likewise "
                       "(attributes_vocab.txt).", flag_values=fv)
-  flags.DEFINE_integer("shard_index", 0, "This machine's shard.", flag_values=fv)
-  flags.DEFINE_integer("num_shards", 1, "Shards in all (one per machine).", flag_values=fv)
-  flags.DEFINE_bool("finalize_only", False, "Only check the shards and write the metadata.",
-                    flag_values=fv)
+  flags.DEFINE_integer("records_per_shard", 1000, "Most records per output shard.",
+                       flag_values=fv)
+  flags.DEFINE_string("beam_pipeline_options", "", "Apache Beam pipeline options, "
+                      "'key=value,key=value' (as `tfds build` takes them), e.g. "
+                      "'direct_num_workers=2,direct_running_mode=multi_processing' or "
+                      "'runner=DataflowRunner,project=P,region=R,temp_location=gs://B/tmp'; "
+                      "empty: Beam's DirectRunner in this process.", flag_values=fv)
+  # The build was once split over machines by hand; a Beam runner does that now.
+  flags.DEFINE_integer("shard_index", None, "Gone: see --beam_pipeline_options.", flag_values=fv)
+  flags.DEFINE_integer("num_shards", None, "Gone: see --beam_pipeline_options.", flag_values=fv)
+  flags.DEFINE_bool("finalize_only", None, "Gone: see --beam_pipeline_options.", flag_values=fv)
   flags.mark_flags_as_required(["name", "out_dir", "vocab_file"], flag_values=fv)
   return fv
 
 
-def parse_command(argv: list[str]) -> tuple[BuildSpec, bool]:
-  """(the build, whether to finalise only) of a command line (argv[0] is the program)."""
+def parse_command(argv: list[str]) -> BuildSpec:
+  """The build of a command line (argv[0] is the program)."""
   f = _flags()
   f(list(argv))
-  spec = BuildSpec(
+  for gone in ("shard_index", "num_shards", "finalize_only"):
+    if f[gone].present:
+      raise InputError(f"--{gone}: a build is no longer split over machines by hand; run it on a "
+                       "Beam runner that spreads it over workers (--beam_pipeline_options, e.g. "
+                       "runner=DataflowRunner; see the README)")
+  return BuildSpec(
       name=f.name, out_dir=f.out_dir, regions=f.regions, captions=f.captions,
       caption_source=f.caption_source, region_format=f.region_format, split=f.split,
       vocab_file=f.vocab_file, max_text_len=f.max_text_len, feature_dim=f.feature_dim,
       min_boxes=f.min_boxes, max_boxes=f.max_boxes, conf_threshold=f.conf_threshold,
       class_probs_dim=f.class_probs_dim, image_id_mode=f.image_id_mode,
-      shard_index=f.shard_index, num_shards=f.num_shards,
+      records_per_shard=f.records_per_shard, beam_options=f.beam_pipeline_options,
       extra_info={**({"class_names": read_names(f.object_names)} if f.object_names else {}),
                   **({"attribute_names": read_names(f.attribute_names)}
                      if f.attribute_names else {})})
-  return spec, f.finalize_only
 
 
 def read_names(path: str) -> list[str]:
@@ -298,9 +283,8 @@ def read_names(path: str) -> list[str]:
 
 
 def run_command(argv: list[str]) -> dict:
-  """Runs a command line: builds this shard (and finalises), or only finalises."""
-  spec, finalize_only = parse_command(argv)
-  return finalize_dataset(spec) if finalize_only else build_dataset(spec)
+  """Runs a command line: builds the dataset."""
+  return build_dataset(parse_command(argv))
 
 
 PROG = "imagebert-build"

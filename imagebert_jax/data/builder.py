@@ -1,11 +1,11 @@
 """Writing datasets in TFDS's format: streamed, sharded, deterministic, with a report.
 
 A build writes, for each split, TFRecord shards named `{name}-{split}.tfrecord-{i:05d}-of-{n:05d}`
-and beside each shard a small JSON report (records, caption pairs, bytes, what was skipped and why).
-Several machines may each write their own shards (`shard_index` of `num_shards`); `finalize` then
-checks that every shard of every split is there, writes the TFDS metadata (so
-`tfds.builder_from_directory` reads the folder) and the dataset summary `imagebert_dataset.json`.
-Memory stays bounded: records are serialized and written one at a time.
+and beside each shard a small JSON report (records, caption pairs, bytes); the shards may be
+written by many workers at once (`build_pipeline`). `finalize` then checks that every shard of
+every split is there, writes the TFDS metadata (so `tfds.builder_from_directory` reads the folder)
+and the dataset summary `imagebert_dataset.json`. Memory stays bounded: records are serialized
+and written one at a time.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from imagebert_jax import paths
 from imagebert_jax.data import records
 
 _REPORT = re.compile(r"^(?P<name>.+)-(?P<split>[^-]+)\.report-(?P<i>\d{5})-of-(?P<n>\d{5})\.json$")
-# The first this-many messages per shard are kept in its report (all are counted).
-MAX_MESSAGES = 200
 
 
 def shard_path(out_dir: str, name: str, split: str, index: int, num_shards: int) -> str:
@@ -34,49 +32,20 @@ def report_path(out_dir: str, name: str, split: str, index: int, num_shards: int
 
 
 @dataclasses.dataclass
-class BuildReport:
-  """What a build kept and what it skipped, with one message per problem."""
+class ShardReport:
+  """What one shard holds."""
 
   records: int = 0
   pairs: int = 0
   num_bytes: int = 0
-  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-  repaired: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-  messages: list = dataclasses.field(default_factory=list)
   seconds: float = 0.0
-
-  def skip(self, reason: str, message: str, count: int = 1, *, what: str = "skipped") -> None:
-    """Counts `count` skipped items under `reason` and logs `message` (one line, names the
-    source)."""
-    self.skipped[reason] += count
-    logging.warning("%s: %s", what, message)
-    if len(self.messages) < MAX_MESSAGES:
-      self.messages.append(message)
-
-  def note(self, reason: str, message: str) -> None:
-    """Counts a problem that was repaired, not skipped (boxes beyond the maximum cut off): the
-    item is kept."""
-    self.repaired[reason] += 1
-    logging.info("repaired: %s", message)
-    if len(self.messages) < MAX_MESSAGES:
-      self.messages.append(message)
-
-  @property
-  def total_skipped(self) -> int:
-    return sum(self.skipped.values())
 
   def to_json(self) -> dict:
     return {"records": self.records, "pairs": self.pairs, "num_bytes": self.num_bytes,
-            "skipped": dict(self.skipped), "repaired": dict(self.repaired),
-            "messages": self.messages,
             "seconds": round(self.seconds, 2)}
 
   def summary(self) -> str:
-    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
-    repaired = ", ".join(f"{k}: {v}" for k, v in sorted(self.repaired.items()))
-    return (f"{self.records} records ({self.pairs} caption pairs) kept; "
-            f"{self.total_skipped} problems ({skipped})"
-            + (f"; kept after repair: {repaired}" if repaired else ""))
+    return f"{self.records} records ({self.pairs} caption pairs)"
 
 
 class ShardWriter:
@@ -93,7 +62,7 @@ class ShardWriter:
     self.index, self.num_shards = shard_index, num_shards
     self.opts = opts
     self.features = records.features_dict(opts)
-    self.report = BuildReport()
+    self.report = ShardReport()
     self._path = shard_path(out_dir, name, split, shard_index, num_shards)
     self._tmp = self._path + ".incomplete"
     self._writer = tf.io.TFRecordWriter(self._tmp)
@@ -112,7 +81,7 @@ class ShardWriter:
                    self.index, self.num_shards, self.report.records,
                    self.report.records / max(elapsed, 1e-9))
 
-  def close(self) -> BuildReport:
+  def close(self) -> ShardReport:
     self._writer.close()
     # The shard appears whole or not at all (on a bucket the rename is a copy, and the shard's
     # report, written after it, is what finalize looks for).
@@ -134,31 +103,6 @@ class ShardWriter:
       self.close()
     else:
       self._writer.close()
-
-
-def _shard_report_path(out_dir: str, name: str, index: int, num_shards: int) -> str:
-  return paths.join(out_dir, f"{name}.build-{index:05d}-of-{num_shards:05d}.json")
-
-
-def write_shard_report(out_dir: str, name: str, index: int, num_shards: int,
-                       report: BuildReport, extra: dict | None = None) -> None:
-  """What one build shard kept and skipped over all splits (finalize sums these)."""
-  paths.write_json(_shard_report_path(out_dir, name, index, num_shards),
-                   {"shard_index": index, "num_shards": num_shards, **report.to_json(),
-                    **(extra or {})})
-
-
-def read_shard_reports(out_dir: str, name: str) -> list[dict]:
-  reports = [paths.read_json(p)
-             for p in paths.glob(paths.join(out_dir, f"{name}.build-*-of-*.json"))]
-  if not reports:
-    raise ValueError(f"{out_dir}: no build reports for dataset {name!r}; build its shards first")
-  n = reports[0]["num_shards"]
-  missing = sorted(set(range(n)) - {r["shard_index"] for r in reports})
-  if missing:
-    raise ValueError(f"{out_dir}: dataset {name!r} lacks build shards {missing} of {n}; build "
-                     "them (--shard_index) before finalising")
-  return reports
 
 
 def finalize(out_dir: str, name: str, opts: records.RecordOptions, *,

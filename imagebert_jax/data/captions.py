@@ -1,5 +1,4 @@
-"""Caption sources, and an on-disk caption index so that joining them with regions stays within a
-bounded memory whatever the dataset size.
+"""Caption sources: the public caption formats, read as streams of captions and problems.
 
 Sources (each yields `Caption`s, or `Problem`s for entries it cannot use):
   karpathy  dataset_coco.json / dataset_flickr30k.json (Karpathy & Fei-Fei 2015): {"images": [
@@ -22,11 +21,10 @@ import itertools
 import json
 import os
 import re
-import sqlite3
 from typing import Iterator, Union
 
 from imagebert_jax import paths as paths_lib
-from imagebert_jax.data.formats import Problem, canonical_id
+from imagebert_jax.data.formats import Problem
 
 SOURCES = ("karpathy", "cc", "sbu", "jsonl")
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
@@ -140,73 +138,33 @@ def expand_caption_paths(patterns: list[str]) -> list[str]:
   return out
 
 
-def read_captions(source: str, paths: list[str], split: str = "train") -> Iterator[Item]:
+def caption_units(source: str, paths: list[str]) -> list[tuple[str, ...]]:
+  """The caption files in the units a build reads independently, in source order: one file each,
+  but SBU's captions file and URLs file, read line by line together."""
   paths = expand_caption_paths(paths)
-  if source == "karpathy":
-    for p in paths:
-      yield from read_karpathy(p)
-  elif source == "cc":
-    for p in paths:
-      yield from read_cc(p, split)
-  elif source == "sbu":
+  if source not in SOURCES:
+    raise ValueError(f"unknown caption source {source!r}; known: {SOURCES}")
+  if source == "sbu":
     if len(paths) != 2:
       raise ValueError("sbu captions need two files: the captions file and the URLs file")
-    yield from read_sbu(paths[0], paths[1], split)
-  elif source == "jsonl":
-    for p in paths:
-      yield from read_jsonl(p, split)
-  else:
-    raise ValueError(f"unknown caption source {source!r}; known: {SOURCES}")
+    return [tuple(paths)]
+  return [(p,) for p in paths]
 
 
-class CaptionIndex:
-  """Captions on disk (SQLite), looked up by image id; the images whose regions came by are noted.
+def read_caption_unit(source: str, unit: tuple[str, ...], split: str = "train") -> Iterator[Item]:
+  """The captions (and problems) of one unit of `caption_units`, in file order."""
+  if source == "karpathy":
+    return read_karpathy(unit[0])
+  if source == "cc":
+    return read_cc(unit[0], split)
+  if source == "sbu":
+    return read_sbu(unit[0], unit[1], split)
+  if source == "jsonl":
+    return read_jsonl(unit[0], split)
+  raise ValueError(f"unknown caption source {source!r}; known: {SOURCES}")
 
-  Only captions whose image belongs to this shard (`keep(image_id)`) are stored.
-  """
 
-  def __init__(self, path: str):
-    if os.path.exists(path):
-      os.remove(path)
-    self.path = path
-    self.db = sqlite3.connect(path)
-    self.db.execute("PRAGMA journal_mode=OFF")
-    self.db.execute("PRAGMA synchronous=OFF")
-    self.db.execute("CREATE TABLE captions (image_id TEXT, split TEXT, seq INTEGER, text TEXT)")
-    self.db.execute("CREATE TABLE seen (image_id TEXT PRIMARY KEY)")
-
-  def add_all(self, items, keep, id_mode: str, on_problem) -> int:
-    def rows():
-      for seq, item in enumerate(items):
-        if isinstance(item, Problem):
-          on_problem(item)
-          continue
-        image_id = canonical_id(item.image_id, id_mode)
-        if keep(image_id):
-          yield image_id, item.split, seq, item.text
-
-    n = self.db.executemany("INSERT INTO captions VALUES (?, ?, ?, ?)", rows()).rowcount
-    self.db.execute("CREATE INDEX by_image ON captions (image_id)")
-    self.db.commit()
-    return n
-
-  def first_time(self, image_id: str) -> bool:
-    """True the first time an image's regions come by; False for a duplicate."""
-    return self.db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (image_id,)).rowcount == 1
-
-  def lookup(self, image_id: str) -> list[tuple[str, str, int]]:
-    """[(split, caption, position in the source)] in source order."""
-    return self.db.execute("SELECT split, text, seq FROM captions WHERE image_id = ? ORDER BY seq",
-                           (image_id,)).fetchall()
-
-  def unused(self, limit: int = 20) -> tuple[int, int, list[str]]:
-    """(images, captions) whose image's regions never came by, and some of their ids."""
-    q = "FROM captions WHERE image_id NOT IN (SELECT image_id FROM seen)"
-    images, captions = self.db.execute(f"SELECT COUNT(DISTINCT image_id), COUNT(*) {q}").fetchone()
-    ids = [r[0] for r in self.db.execute(f"SELECT DISTINCT image_id {q} LIMIT ?", (limit,))]
-    return images, captions, ids
-
-  def close(self) -> None:
-    self.db.close()
-    if os.path.exists(self.path):
-      os.remove(self.path)
+def read_captions(source: str, paths: list[str], split: str = "train") -> Iterator[Item]:
+  """Every caption (and problem) of a source, in source order."""
+  for unit in caption_units(source, paths):
+    yield from read_caption_unit(source, unit, split)

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 
 from imagebert_jax import parallel, paths
 from imagebert_jax.training.state import TrainState
-from imagebert_jax.errors import CheckpointMismatch, ConfigError
+from imagebert_jax.errors import CheckpointMismatch
 
 
 def _as_dict(state: TrainState) -> dict:

@@ -2,7 +2,6 @@
 
 import base64
 import glob
-import hashlib
 import json
 
 import numpy as np
@@ -196,30 +195,77 @@ def test_cc_and_sbu_caption_ids(tmp_path, vocab):
   assert info["splits"]["train"]["records"] == 1
 
 
-def test_sharded_build_equals_one_shard_and_is_deterministic(tmp_path, vocab):
+def _files(folder):
+  """{shard file: its records as tf.train.Example protos, in order} (protos, not bytes: a map's
+  serialized order may differ between processes)."""
+  import tensorflow as tf
+  return {f.split("/")[-1]: [tf.train.Example.FromString(r.numpy())
+                             for r in tf.data.TFRecordDataset(f)]
+          for f in glob.glob(f"{folder}/t-*.tfrecord-*")}
+
+
+def test_build_is_the_same_on_one_worker_and_on_two_processes(tmp_path, vocab, caplog):
+  """The pipeline on Beam's DirectRunner in this process and on two worker processes
+  (multi-processing mode): the same shard files holding the same records in the same order, the
+  same counts; and the records
+  are the source's, checked against a NumPy selection of the TSV rows."""
   rng = np.random.default_rng(4)
-  path = tmp_path / "f.tsv"
-  path.write_text("".join(bua_line(str(i), 3, rng) + "\n" for i in range(20)))
+  feats = {}
+  folder = tmp_path / "regions"
+  folder.mkdir()
+  for f, ids in enumerate([range(0, 9), range(9, 14), range(14, 23)]):
+    lines = []
+    for i in ids:
+      n = 3 + i % 4
+      feats[str(i)] = rng.uniform(0, 3, (n, D))
+      lines.append(bua_line(str(i), n, rng, feats=feats[str(i)]))
+    if f == 1:
+      lines.append(bua_line("3", 2, rng))                  # a duplicate of file 0's image 3
+      lines.append(bua_line("77", 3, rng, n_field=4))      # a bad row
+    (folder / f"part-{f}.tsv").write_text("\n".join(lines) + "\n")
   caps = tmp_path / "c.jsonl"
-  jsonl(caps, [{"image_id": str(i), "caption": "a dog"} for i in range(20)])
-  one = build_lib.build_dataset(spec(tmp_path, vocab, [str(path)], [str(caps)],
-                                     out_dir=str(tmp_path / "one")))
-  again = build_lib.build_dataset(spec(tmp_path, vocab, [str(path)], [str(caps)],
-                                       out_dir=str(tmp_path / "again")))
-  assert again["splits"] == one["splits"]
-  digest = lambda d: hashlib.sha256(open(glob.glob(f"{d}/t-train.tfrecord-*")[0], "rb").read())
-  assert digest(tmp_path / "one").digest() == digest(tmp_path / "again").digest()
-  sharded = str(tmp_path / "sharded")
-  build_lib.build_dataset(spec(tmp_path, vocab, [str(path)], [str(caps)], out_dir=sharded,
-                               shard_index=1, num_shards=2))
-  with pytest.raises(ValueError, match=r"lacks build shards \[0\] of 2"):
-    build_lib.finalize_dataset(spec(tmp_path, vocab, [], [], out_dir=sharded, num_shards=2))
-  build_lib.build_dataset(spec(tmp_path, vocab, [str(path)], [str(caps)], out_dir=sharded,
-                               shard_index=0, num_shards=2))
-  info = build_lib.finalize_dataset(spec(tmp_path, vocab, [], [], out_dir=sharded, num_shards=2))
-  assert info["splits"]["train"] == one["splits"]["train"] == {"records": 20, "pairs": 20}
-  examples = read_all(sharded)
-  assert sorted(e["image_id"].decode() for e in examples) == sorted(str(i) for i in range(20))
+  rows = [{"image_id": str(i), "caption": "a dog" if i % 2 else "a red cat on the grass",
+           "split": "test" if i % 5 == 0 else "train"} for i in range(22)]  # 22: no captions
+  rows += [{"image_id": "5", "caption": "photo of a dog"}, {"image_id": "404", "caption": "a cat"}]
+  jsonl(caps, rows)
+  base = dict(records_per_shard=3)
+  with caplog.at_level("INFO"):
+    one = build_lib.build_dataset(spec(tmp_path, vocab, [str(folder)], [str(caps)],
+                                       out_dir=str(tmp_path / "one"), **base))
+  two = build_lib.build_dataset(spec(
+      tmp_path, vocab, [str(folder)], [str(caps)], out_dir=str(tmp_path / "two"),
+      beam_options="direct_num_workers=2,direct_running_mode=multi_processing", **base))
+  assert one == {**two, "sources": one["sources"]}
+  assert one["skipped"] == two["skipped"] == {
+      "duplicate_image_id": 1, "num_boxes_mismatch": 1, "image_without_captions": 1,
+      "captions_without_image": 1}
+  assert _files(tmp_path / "one") == _files(tmp_path / "two")
+  # 18 train records in 3-record shards per region file: 8/4/6 per file -> 3 + 2 + 2 shards.
+  assert sorted(f for f in _files(tmp_path / "one") if "-train." in f)[-1] == \
+      "t-train.tfrecord-00006-of-00007"
+  # Image 5 has a caption in each split: a record in each.
+  assert one["splits"] == {"train": {"records": 18, "pairs": 18},
+                           "test": {"records": 5, "pairs": 5}}
+  # Rebuilt into the same folder with bigger shards: the earlier shards are gone.
+  build_lib.build_dataset(spec(tmp_path, vocab, [str(folder)], [str(caps)],
+                               out_dir=str(tmp_path / "one")))
+  assert sorted(_files(tmp_path / "one")) == ["t-test.tfrecord-00000-of-00003",
+                                              "t-test.tfrecord-00001-of-00003",
+                                              "t-test.tfrecord-00002-of-00003",
+                                              "t-train.tfrecord-00000-of-00003",
+                                              "t-train.tfrecord-00001-of-00003",
+                                              "t-train.tfrecord-00002-of-00003"]
+  for split in ("train", "test"):
+    for e in read_all(tmp_path / "one", split):
+      image_id = e["image_id"].decode()
+      want = feats[image_id]  # the first copy of image 3, not the duplicate
+      assert e["features"].shape == want.shape
+      np.testing.assert_array_equal(e["features"], want.astype(np.float16))
+      texts = [r["caption"] for r in rows
+               if r["image_id"] == image_id and r.get("split", "train") == split]
+      assert [c.decode() for c in e["captions"]] == texts
+      assert e["source_order"] == next(i for i, r in enumerate(rows)
+                                       if r["image_id"] == image_id)  # of either split
 
 
 def _d2_with(image_id, rng, index, value):
@@ -375,3 +421,28 @@ def test_every_caption_source_reports_its_bad_entries(tmp_path, vocab, two_image
   assert "pairs.jsonl line 2: not a JSON object with image_id and caption" in text
   assert "pairs.jsonl line 3: not a JSON object with image_id and caption" in text
   assert "pairs.jsonl line 4: empty caption" in text
+
+
+def test_beam_pipeline_options_as_tfds_build_takes_them():
+  default = build_lib.pipeline_options("").get_all_options()
+  assert (default["runner"], default["direct_num_workers"], default["direct_running_mode"]) == (
+      "DirectRunner", 1, "in_memory")
+  two = build_lib.pipeline_options(
+      "direct_num_workers=2, direct_running_mode=multi_processing").get_all_options()
+  assert (two["direct_num_workers"], two["direct_running_mode"]) == (2, "multi_processing")
+  flink = build_lib.pipeline_options(
+      "--runner=PortableRunner --environment_type=PROCESS "
+      "--environment_config='{\"command\": \"/opt/beam/boot\", \"os\": \"linux\"}'"
+  ).get_all_options()
+  assert flink["runner"] == "PortableRunner"
+  assert json.loads(flink["environment_config"]) == {"command": "/opt/beam/boot", "os": "linux"}
+
+
+def test_hand_split_flags_are_refused_in_one_line(tmp_path, vocab, capsys):
+  with pytest.raises(SystemExit) as e:
+    build_lib.main(["--name", "t", "--out_dir", str(tmp_path), "--regions", "r.tsv",
+                    "--captions", "c.jsonl", "--vocab_file", vocab, "--num_shards", "2"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("imagebert-build: error: --num_shards: a build is no longer split over "
+                        "machines by hand") and "\n" not in err
