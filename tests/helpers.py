@@ -1,5 +1,7 @@
 """Small shared pieces for the tests: a tiny model config and a random batch."""
 
+import socket
+
 import numpy as np
 
 from imagebert_jax.model import ModelConfig
@@ -30,3 +32,10 @@ def random_batch(rng: np.random.Generator, batch: int, cfg: ModelConfig = TINY,
       "region_class": rng.integers(0, cfg.num_object_classes, size=(batch, r)).astype(np.int32),
       "image_key": keys.astype(np.int32),
   }
+
+
+def free_port() -> int:
+  """A TCP port nothing listens on now (for a JAX coordinator the test starts)."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]

@@ -4,24 +4,17 @@ that restore across the two topologies bit for bit."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from helpers import TINY
+from helpers import TINY, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def run(num_processes: int, workdir: str, mode: str) -> list[dict]:

@@ -1,16 +1,19 @@
 """Extracts bottom-up-attention region features from your own images into region files.
 
   imagebert-extract --images photos/ --weights faster_rcnn_from_caffe_attr.pkl \\
-      --output features/ [--shard_index 0 --num_shards 8] [--batch_size 4]
+      --output features/ [--batch_size 4]
 
 (also `python -m imagebert_jax.detector.extract_features` or `python tools/extract_features.py`). Images,
 weights and the output may be local paths or bucket URLs (gs://...).
 
 Input: a folder (searched recursively for .jpg / .jpeg / .png) or a text file with one image path
 per line (relative paths are relative to the list file; blank lines and lines starting with "#" are
-skipped). The list is sorted; with --num_shards n, image i goes to shard i % n, written to
-`regions-{i:05d}-of-{n:05d}.ibrf` in --output (imagebert_jax/data/regionfile.py), ready for the
-dataset builders.
+skipped). The list is sorted. Run as a JAX multi-process job (one process per host or per
+accelerator: JAX's cluster detection on Cloud TPU VMs, SLURM, Open MPI or Kubernetes, or
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or the flags of the same names, as
+for training; imagebert_jax/distributed.py), process p of n takes images i with i % n == p and
+writes `regions-{p:05d}-of-{n:05d}.ibrf` in --output (imagebert_jax/data/regionfile.py), ready
+for the dataset builder; one process writes `regions-00000-of-00001.ibrf`.
 
 Image ids are file stems by default, or with --id_from relpath the path relative to the folder
 (or list file) without the extension; two images with the same id are an error.
@@ -53,9 +56,16 @@ def _flags():
                       flag_values=fv)
   flags.DEFINE_string("weights", None, "detectron2-format .pkl of the detector.", flag_values=fv)
   flags.DEFINE_string("output", None, "Output folder for the region files.", flag_values=fv)
-  flags.DEFINE_integer("shard_index", 0, "This run's shard of the sorted image list.",
-                       flag_values=fv)
-  flags.DEFINE_integer("num_shards", 1, "Shards of the image list.", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", "", "JAX multi-process runtime: the coordinator's "
+                      "host:port (else JAX_COORDINATOR_ADDRESS, or JAX's cluster detection).",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_processes", 0, "JAX multi-process runtime: processes in all (else "
+                       "JAX_NUM_PROCESSES, or detected).", flag_values=fv)
+  flags.DEFINE_integer("process_id", -1, "JAX multi-process runtime: this process (else "
+                       "JAX_PROCESS_ID, or detected).", flag_values=fv)
+  # The images were once split by hand; the processes of a JAX multi-process run split them now.
+  flags.DEFINE_integer("shard_index", None, "Gone: see --num_processes.", flag_values=fv)
+  flags.DEFINE_integer("num_shards", None, "Gone: see --num_processes.", flag_values=fv)
   flags.DEFINE_integer("batch_size", 1, "Images per detector call.", lower_bound=1,
                        flag_values=fv)
   flags.DEFINE_enum("id_from", "stem", ["stem", "relpath"], "Image ids: file stems, or paths "
@@ -82,11 +92,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   fv = _flags()
   cli.parse_flags(fv, [PROG, *(sys.argv[1:] if argv is None else argv)], prog=PROG,
                   about=__doc__.split("\n\n")[0])
-  args = argparse.Namespace(**{name: fv[name].value for name in fv})
-  if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
-    cli.refuse(PROG, f"need 0 <= --shard_index < --num_shards, got {args.shard_index}, "
-               f"{args.num_shards}")
-  return args
+  for gone in ("shard_index", "num_shards"):
+    if fv[gone].present:
+      cli.refuse(PROG, f"--{gone}: the images are split over the processes of a JAX "
+                 "multi-process run now (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                 "JAX_PROCESS_ID or --coordinator_address/--num_processes/--process_id, or "
+                 "JAX's cluster detection)")
+  return argparse.Namespace(**{name: fv[name].value for name in fv})
 
 
 def load_config(path: str | None) -> DetectorConfig:
@@ -135,14 +147,27 @@ def run(argv: list[str] | None = None) -> dict:
 
 def extract(args: argparse.Namespace) -> dict:
   """Runs the extraction the settings describe (`parse_args`)."""
+  import jax
+
+  from imagebert_jax import distributed
+  started = distributed.initialize(args.coordinator_address, args.num_processes,
+                                   args.process_id)
+  try:
+    return _extract(args, jax.process_index(), jax.process_count())
+  finally:
+    if started:
+      jax.distributed.shutdown()
+
+
+def _extract(args: argparse.Namespace, process: int, processes: int) -> dict:
   cfg = load_config(args.config)
   images, root = list_images(args.images)
   items = assign_ids(images, root, args.id_from)
-  mine = [item for i, item in enumerate(items) if i % args.num_shards == args.shard_index]
+  mine = [item for i, item in enumerate(items) if i % processes == process]
   params = load_detectron2_weights(args.weights, cfg)
 
   paths.makedirs(args.output)
-  stem = f"regions-{args.shard_index:05d}-of-{args.num_shards:05d}"
+  stem = f"regions-{process:05d}-of-{processes:05d}"
   out_path = paths.join(args.output, stem + ".ibrf")
   report_path = paths.join(args.output, stem + ".skipped.json")
 
@@ -152,8 +177,8 @@ def extract(args: argparse.Namespace) -> dict:
   already = len(mine) - len(todo)
   if args.max_images > 0:
     todo = todo[:args.max_images]
-  log.info("%d images found, %d in shard %d/%d, %d already in %s, %d to do", len(items), len(mine),
-           args.shard_index, args.num_shards, already, out_path, len(todo))
+  log.info("%d images found, %d for process %d of %d, %d already in %s, %d to do", len(items),
+           len(mine), process, processes, already, out_path, len(todo))
 
   skipped: list[dict] = []
   written = 0

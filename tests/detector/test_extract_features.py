@@ -1,9 +1,12 @@
 """The region-feature extractor (imagebert_jax.detector.extract_features, the command imagebert-extract)
-end to end with a tiny random detector: output, sharding, resume, bad images."""
+end to end with a tiny random detector: output, the images split over JAX processes, resume,
+bad images."""
 
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +16,8 @@ from imagebert_jax.detector import extract_features as tool
 from imagebert_jax.data.regionfile import read_region_file
 from imagebert_jax.detector import export_state_dict, init_params, tiny_config
 from imagebert_jax.errors import InputError
+
+from helpers import free_port
 
 
 def draw(path, seed, size):
@@ -79,24 +84,54 @@ def test_writes_region_records(setup, tmp_path):
   assert report["count"] == 0
 
 
-def test_shards_and_relative_ids(setup, tmp_path):
-  _, _, _, images, _ = setup
+def test_two_jax_processes_split_the_images_and_resume(setup, tmp_path):
+  """Two processes of a JAX multi-process run (the coordinator's address, the count and each
+  one's id in the environment, as a launcher sets them) split the images, each writing its own
+  file; stopped early and run again, they resume; their union is the one-process run's."""
+  _, cfg_path, weights, images, _ = setup
   # A list file (relative paths, a comment, a blank line) instead of a folder.
   listing = images / "list.txt"
   listing.write_text("# my images\nsub/d.jpg\na.jpg\n\nb.png\nsub/c.jpeg\ne.JPG\n")
-  out = tmp_path / "out"
-  ids = []
-  for shard in (0, 1):
-    s = tool.run(["--images", str(listing), "--weights", setup[2], "--output", str(out),
-                  "--config", setup[1], "--no_progress", "--num_shards", "2",
-                  "--shard_index", str(shard), "--id_from", "relpath"])
-    ids.append([r.image_id for r in read_region_file(s["output"])])
-  # Sorted paths: a.jpg b.png e.JPG sub/c.jpeg sub/d.jpg -> image i goes to shard i % 2.
-  assert ids == [["a", "e", "sub/d"], ["b", "sub/c"]]
+  common = ["--images", str(listing), "--weights", weights, "--config", cfg_path,
+            "--no_progress", "--id_from", "relpath"]
+  one = tool.run([*common, "--output", str(tmp_path / "one")])
+  out = tmp_path / "two"
+  for extra in (["--max_images", "1"], []):
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "imagebert_jax.detector.extract_features", *common,
+         "--output", str(out), *extra],
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+             "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(p)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in (0, 1)]
+    logs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], logs
+  assert "1 already in" in logs[0] and "1 already in" in logs[1]  # the second run resumed
   assert sorted(os.listdir(out)) == ["regions-00000-of-00002.ibrf",
                                      "regions-00000-of-00002.skipped.json",
                                      "regions-00001-of-00002.ibrf",
                                      "regions-00001-of-00002.skipped.json"]
+  ids = [[r.image_id for r in read_region_file(out / f"regions-0000{p}-of-00002.ibrf")]
+         for p in (0, 1)]
+  # Sorted paths: a.jpg b.png e.JPG sub/c.jpeg sub/d.jpg -> image i goes to process i % 2.
+  assert ids == [["a", "e", "sub/d"], ["b", "sub/c"]]
+  alone = {r.image_id: r for r in read_region_file(one["output"])}
+  union = {r.image_id: r for p in (0, 1)
+           for r in read_region_file(out / f"regions-0000{p}-of-00002.ibrf")}
+  assert sorted(union) == sorted(alone)
+  for key, r in union.items():
+    np.testing.assert_array_equal(r.boxes, alone[key].boxes)
+    np.testing.assert_array_equal(r.features, alone[key].features)
+    np.testing.assert_array_equal(r.object_id, alone[key].object_id)
+
+
+def test_hand_given_shards_are_refused(setup, tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    run_tool(setup, tmp_path, "--num_shards", "2", "--shard_index", "1")
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("imagebert-extract: error: --shard_index: the images are split over the "
+                        "processes of a JAX multi-process run") and "\n" not in err
 
 
 def test_resumes_after_interruption(setup, tmp_path):
