@@ -57,8 +57,7 @@ def make_dataset(out_dir: str, images: int, regions: int = 100, dim: int = 2048,
         c.write(json.dumps({"image_id": str(i), "caption": text}) + "\n")
   build_lib.build_dataset(build_lib.BuildSpec(
       name="bench", out_dir=out_dir, regions=[reg_path], captions=[cap_path], vocab_file=vocab,
-      max_text_len=words + 2, feature_dim=dim, min_boxes=regions, max_boxes=regions,
-      log_every=0))
+      max_text_len=words + 2, feature_dim=dim, min_boxes=regions, max_boxes=regions))
   return out_dir
 
 

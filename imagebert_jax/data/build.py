@@ -45,7 +45,6 @@ class BuildSpec:
   records_per_shard: int = 1000    # most records per output shard
   beam_options: str = ""           # Beam pipeline options, "key=value,key=value" ("": this
                                    # process, DirectRunner)
-  log_every: int = 10_000          # kept for callers; each region file's writing is logged
   extra_info: dict = dataclasses.field(default_factory=dict)  # more fields for the summary file
 
 

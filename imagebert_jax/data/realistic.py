@@ -824,8 +824,8 @@ def build(data_dir: str, source_dir: str, splits: dict[str, int], spec: Realisti
   build_lib.build_dataset(build_lib.BuildSpec(
       name=name, out_dir=data_dir, vocab_file=vocab, max_text_len=max_text_len,
       feature_dim=spec.feature_dim, min_boxes=spec.min_regions, max_boxes=max_boxes,
-      log_every=0, extra_info={"realistic": wanted, "class_names": class_names(),
-                               "attribute_names": attribute_names()}, **source))
+      extra_info={"realistic": wanted, "class_names": class_names(),
+                  "attribute_names": attribute_names()}, **source))
   if not web:
     from imagebert_jax import paths as paths_lib
     for key, path in paths.items():

@@ -183,8 +183,8 @@ def build(out_dir: str, splits: dict[str, int], spec: SyntheticSpec = SyntheticS
       name=name, out_dir=out_dir, regions=[regions_path], captions=[captions_path],
       caption_source="jsonl", vocab_file=vocab_file, max_text_len=max_text_len,
       feature_dim=spec.feature_dim, min_boxes=spec.min_regions, max_boxes=spec.max_regions,
-      log_every=0, extra_info={"vocab_file": "vocab.txt", "synthetic": wanted,
-                               "class_names": list(CLASSES)}))
+      extra_info={"vocab_file": "vocab.txt", "synthetic": wanted,
+                  "class_names": list(CLASSES)}))
   return vocab_file
 
 

@@ -48,7 +48,7 @@ def vocab(tmp_path_factory):
 def spec(tmp, vocab, regions, captions, source="jsonl", **kw):
   base = dict(name="t", out_dir=str(tmp / "out"), regions=regions, captions=captions,
               caption_source=source, vocab_file=vocab, max_text_len=8, feature_dim=D,
-              min_boxes=2, max_boxes=12, log_every=0)
+              min_boxes=2, max_boxes=12)
   base.update(kw)
   return build_lib.BuildSpec(**base)
 

@@ -205,7 +205,7 @@ def test_extracted_regions_build_a_dataset(setup, tmp_path):
       name="own", out_dir=str(tmp_path / "dataset"), regions=[summary["output"]],
       captions=[str(captions)], vocab_file=vocab, max_text_len=8,
       feature_dim=cfg.feature_dim, min_boxes=cfg.min_boxes, max_boxes=cfg.max_boxes,
-      class_probs_dim=cfg.num_classes, log_every=0))
+      class_probs_dim=cfg.num_classes))
   assert info["splits"]["train"] == {"records": 5, "pairs": 5} and not info["skipped"]
   assert info["options"]["has_object_labels"]
   ids = special_ids(vocab)

@@ -156,7 +156,7 @@ def test_fold_order_and_caption_count_come_from_the_built_dataset(tmp_path):
   build_lib.build_dataset(build_lib.BuildSpec(
       name="k", out_dir=str(tmp_path / "data"), regions=[str(tmp_path / "r.ibrf")],
       captions=[str(tmp_path / "karpathy.json")], caption_source="karpathy", vocab_file=vocab,
-      max_text_len=8, feature_dim=4, min_boxes=1, max_boxes=2, log_every=0))
+      max_text_len=8, feature_dim=4, min_boxes=1, max_boxes=2))
   ids = special_ids(vocab)
   kw = dict(max_text_len=8, max_regions=2, pad_id=ids.pad_id, sep_id=ids.sep_id)
   split = splits.load_split(str(tmp_path / "data"), "test", captions_per_image=5, **kw)

@@ -111,7 +111,7 @@ def test_a_stage_starts_from_bert(tmp_path):
   vocab = os.path.join(minilm_dir(), "vocab.txt")
   build_lib.build_dataset(build_lib.BuildSpec(
       name="t", out_dir=str(tmp_path / "data"), regions=[str(regions)], captions=[str(caps)],
-      vocab_file=vocab, max_text_len=16, feature_dim=8, min_boxes=1, max_boxes=2, log_every=0))
+      vocab_file=vocab, max_text_len=16, feature_dim=8, min_boxes=1, max_boxes=2))
   c = config_defaults.run_config()
   c.model.update(dict(hidden_size=384, num_layers=6, num_heads=12, mlp_dim=1536, max_text_len=16,
                       max_regions=2, region_feature_dim=8, num_object_classes=4, dtype="float32",
