@@ -76,9 +76,10 @@ def skipped(reason: str, message: str, count: int = 1, log: bool = True) -> None
 
 
 def repaired(reason: str, message: str) -> None:
-  """Counts an item kept after a repair (boxes beyond the maximum cut off)."""
+  """Counts an item kept after a repair (boxes beyond the maximum cut off); logged at DEBUG
+  only, as a build that keeps the best 16 of each image's boxes repairs every record."""
   Metrics.counter(NAMESPACE, f"repaired.{reason}").inc()
-  logging.info("repaired: %s", message)
+  logging.debug("repaired: %s", message)
 
 
 def counted(result) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
