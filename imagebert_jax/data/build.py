@@ -21,6 +21,7 @@ from typing import Iterable
 
 from imagebert_jax import paths
 from imagebert_jax.data import builder, captions as captions_lib, formats, records
+from imagebert_jax.data.tokenizer import Tokenizer
 from imagebert_jax.errors import InputError
 
 
@@ -121,7 +122,8 @@ def build_dataset(spec: BuildSpec) -> dict:
   if not units:
     raise InputError(f"--captions {spec.captions}: no usable captions")
   if spec.records_per_shard < 1:
-    raise InputError(f"records_per_shard={spec.records_per_shard}: want at least 1")
+    raise InputError(f"--records_per_shard {spec.records_per_shard}: want at least 1")
+  Tokenizer(spec.vocab_file, max_len=spec.max_text_len)  # a bad vocabulary stops us here
   has_labels = _has_labels(spec, region_paths)
   if not has_labels:
     logging.warning("%s: the region features carry no object class labels (bottom-up-attention "
