@@ -91,8 +91,8 @@ class ShardWriter:
                                  self.num_shards),
                      {"split": self.split, "shard_index": self.index,
                       "num_shards": self.num_shards, **self.report.to_json()})
-    logging.info("%s %s shard %d/%d done in %.1fs: %s", self.name, self.split, self.index,
-                 self.num_shards, self.report.seconds, self.report.summary())
+    logging.debug("%s %s shard %d/%d done in %.1fs: %s", self.name, self.split, self.index,
+                  self.num_shards, self.report.seconds, self.report.summary())
     return self.report
 
   def __enter__(self) -> "ShardWriter":
