@@ -88,7 +88,7 @@ def test_bua_tsv_with_every_kind_of_bad_input(tmp_path, vocab, caplog):
                {"image_id": "107", "caption": "photo of a cat"},
                {"image_id": "999", "caption": "a cat"},             # unknown image
                {"image_id": "101", "caption": "   "}])              # empty caption
-  with caplog.at_level("INFO"):
+  with caplog.at_level("DEBUG"):  # a repaired record is logged at DEBUG
     info = build_lib.build_dataset(spec(tmp_path, vocab, [str(path)], [str(caps)]))
   assert info["splits"]["train"] == {"records": 3, "pairs": 4}
   assert info["options"]["has_object_labels"] is False  # MOC will be off, and it was said
