@@ -241,8 +241,7 @@ class WriteRegionFile(beam.DoFn):
               writers.pop(split).close()
             writers[split] = builder.ShardWriter(
                 plan.out_dir, plan.name, split, plan.opts,
-                shard_index=first + written[split] // plan.records_per_shard, num_shards=total,
-                log_every=0)
+                shard_index=first + written[split] // plan.records_per_shard, num_shards=total)
           writers[split].write(example)
           written[split] += 1
     finally:
@@ -263,7 +262,7 @@ def write_empty_splits(splits: list[str], shards: dict, plan: Plan) -> None:
   for split in sorted(set(splits) - written):
     logging.warning("%s: split %s has captions but none of their images has region features",
                     plan.name, split)
-    builder.ShardWriter(plan.out_dir, plan.name, split, plan.opts, log_every=0).close()
+    builder.ShardWriter(plan.out_dir, plan.name, split, plan.opts).close()
 
 
 def build(pipeline: beam.Pipeline, plan: Plan) -> None:

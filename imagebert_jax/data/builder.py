@@ -52,7 +52,7 @@ class ShardWriter:
   """Writes one shard of one split; use as a context manager. Streams: nothing is held."""
 
   def __init__(self, out_dir: str, name: str, split: str, opts: records.RecordOptions, *,
-               shard_index: int = 0, num_shards: int = 1, log_every: int = 1000):
+               shard_index: int = 0, num_shards: int = 1):
     import tensorflow as tf  # local: the TF side of the data code
 
     if not 0 <= shard_index < num_shards:
@@ -67,7 +67,6 @@ class ShardWriter:
     self._tmp = self._path + ".incomplete"
     self._writer = tf.io.TFRecordWriter(self._tmp)
     self._start = time.time()
-    self._log_every = log_every
 
   def write(self, example: dict) -> None:
     data = self.features.serialize_example(example)
@@ -75,11 +74,6 @@ class ShardWriter:
     self.report.records += 1
     self.report.pairs += len(example["caption_lengths"])
     self.report.num_bytes += len(data)
-    if self._log_every and self.report.records % self._log_every == 0:
-      elapsed = time.time() - self._start
-      logging.info("%s %s shard %d/%d: %d records, %.0f records/s", self.name, self.split,
-                   self.index, self.num_shards, self.report.records,
-                   self.report.records / max(elapsed, 1e-9))
 
   def close(self) -> ShardReport:
     self._writer.close()

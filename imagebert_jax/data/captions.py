@@ -163,8 +163,3 @@ def read_caption_unit(source: str, unit: tuple[str, ...], split: str = "train") 
     return read_jsonl(unit[0], split)
   raise ValueError(f"unknown caption source {source!r}; known: {SOURCES}")
 
-
-def read_captions(source: str, paths: list[str], split: str = "train") -> Iterator[Item]:
-  """Every caption (and problem) of a source, in source order."""
-  for unit in caption_units(source, paths):
-    yield from read_caption_unit(source, unit, split)

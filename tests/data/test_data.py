@@ -82,7 +82,7 @@ def small_dataset(tmp_path_factory):
   opts = records.RecordOptions(feature_dim=8, min_boxes=1, max_boxes=12)
   captions = {0: ["a red dog"], 1: ["a cat", "the big red dog on the left a cat"],
               2: ["a dog", "a cat", "red"], 3: ["small cat"], 4: ["a big dog"]}
-  with builder.ShardWriter(out, "tiny", "train", opts, log_every=0) as w:
+  with builder.ShardWriter(out, "tiny", "train", opts) as w:
     for i in range(5):
       caps = captions[i]
       w.write(records.make_example(records.select_regions(_record(i), opts), caps,
