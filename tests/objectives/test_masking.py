@@ -184,6 +184,40 @@ def test_swap_foils_hand_worked():
   assert seen == {(CLS, 5, 6, 10, 8, 5, 9, 7, SEP, PAD), (CLS, 5, 9, 7, 8, 5, 6, 10, SEP, PAD)}
 
 
+def test_spatial_foils_hand_worked():
+  # Tokens: 5 'a', 7 'dog', 10 'car', 12 'left', 13 'right', 14 'above', 15 'below', 16 'of',
+  # 6 'red', 9 'white'. Opposite pairs: left/right, above/below.
+  opposite = jax.device_get(masking.opposite_words(128, ((12, 13), (14, 15))))
+  want = np.arange(128)
+  want[[12, 13, 14, 15]] = [13, 12, 15, 14]
+  np.testing.assert_array_equal(opposite, want)
+  kinds = np.zeros(128, np.int32)
+  kinds[[7, 10]] = 1
+  kinds[[6, 9]] = 2
+  left = [CLS, 5, 7, 12, 16, 5, 10, SEP, PAD]      # a dog left of a car
+  above = [CLS, 5, 6, 7, 14, 5, 9, 10, SEP]        # a red dog above a white car
+  plain = [CLS, 5, 6, 7, 5, 9, 10, SEP, PAD]       # a red dog a white car: no spatial word
+  neither = [CLS, 5, 7, SEP, PAD, PAD, PAD, PAD, PAD]
+  ids = jnp.asarray([left, above, plain, neither], jnp.int32)
+  flipped, has = jax.device_get(masking.flip_spatial(ids, jnp.asarray(opposite)))
+  np.testing.assert_array_equal(has, [True, True, False, False])
+  np.testing.assert_array_equal(flipped[0], [CLS, 5, 7, 13, 16, 5, 10, SEP, PAD])
+  np.testing.assert_array_equal(flipped[1], [CLS, 5, 6, 7, 15, 5, 9, 10, SEP])
+  np.testing.assert_array_equal(flipped[2:], ids[2:])
+  # With the flips: a caption with a spatial word always gets its flip, the others a swap.
+  for draw in range(10):
+    f, h = jax.device_get(masking.foils(jax.random.key(draw), ids, jnp.asarray(kinds),
+                                        jnp.asarray(opposite)))
+    np.testing.assert_array_equal(h, [True, True, True, False])
+    np.testing.assert_array_equal(f[:2], flipped[:2])
+    assert tuple(f[2]) in {(CLS, 5, 9, 7, 5, 6, 10, SEP, PAD), (CLS, 5, 6, 10, 5, 9, 7, SEP, PAD)}
+    np.testing.assert_array_equal(f[3], neither)
+  # Without them, the swaps alone (the dog and the car of the first caption).
+  f, h = jax.device_get(masking.foils(jax.random.key(0), ids, jnp.asarray(kinds)))
+  np.testing.assert_array_equal(h, [True, True, True, False])
+  np.testing.assert_array_equal(f[0], [CLS, 5, 10, 12, 16, 5, 7, SEP, PAD])
+
+
 def test_rank_loss_against_numpy():
   from imagebert_jax.objectives.pretraining import PretrainObjective, rank_loss
   pos = np.array([2.0, -1.0, 0.5, 3.0], np.float32)

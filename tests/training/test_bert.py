@@ -164,3 +164,21 @@ def test_the_mlm_head_of_a_bert_checkpoint_that_has_one():
   want = ref["prediction_logits"]
   assert np.abs(want).max() > 0.5  # logits of some size, so the comparison means something
   assert np.abs(got - want)[mask].max() < 1e-4
+
+
+def test_detector_words_with_the_bert_vocabulary(tmp_path):
+  """The detector's words and the spatial opposites, read off a dataset summary and tokenized
+  with BERT-uncased's vocabulary: one WordPiece each, looked up here by line number."""
+  from imagebert_jax.data import records
+  from imagebert_jax.training import train
+  vocab = os.path.join(minilm_dir(), "vocab.txt")
+  with open(vocab, encoding="utf-8") as f:
+    line = {w.rstrip("\n"): i for i, w in enumerate(f)}
+  (tmp_path / records.INFO_FILE).write_text(json.dumps(
+      {"class_names": ["dog,puppy", "car", "street light"], "attribute_names": ["red", "white"]}))
+  words = train.detector_words(str(tmp_path), vocab)
+  assert words.objects == tuple(sorted(line[w] for w in ("dog", "puppy", "car")))
+  assert words.attributes == tuple(sorted((line["red"], line["white"])))
+  assert words.opposites == ((line["left"], line["right"]), (line["above"], line["below"]),
+                             (line["top"], line["bottom"]))
+  assert {line["left"], line["behind"]} <= set(words.spatial)
