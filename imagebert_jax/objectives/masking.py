@@ -226,9 +226,9 @@ def foils(key: jax.Array, text_ids: jax.Array, word_kinds: jax.Array,
   """Each caption's foil: with `opposite` given, a caption with a spatial word gets its flip
   (`flip_spatial`: rare in captions, and the one foil that asks where things are); the others
   (and all without `opposite`) their two words of one kind swapped (`swap_foils`). Returns
-  (foils [B, T], has_foil [B] bool)."""
+  (foils [B, T], has_foil [B] bool, flipped [B] bool: the foil is a spatial flip)."""
   swapped, has = swap_foils(key, text_ids, word_kinds)
   if opposite is None:
-    return swapped, has
+    return swapped, has, jnp.zeros_like(has)
   flipped, has_flip = flip_spatial(text_ids, opposite)
-  return jnp.where(has_flip[:, None], flipped, swapped), has | has_flip
+  return jnp.where(has_flip[:, None], flipped, swapped), has | has_flip, has_flip

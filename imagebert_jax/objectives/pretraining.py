@@ -220,8 +220,9 @@ def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
     kinds = word_kinds(model.cfg.vocab_size, obj.object_token_ids, obj.attribute_token_ids)
     opposite = (masking.opposite_words(model.cfg.vocab_size, obj.spatial_opposite_ids)
                 if obj.itm_foil_spatial else None)
-    foils, has = masking.foils(foil_key, batch["text_ids"], kinds, opposite)
+    foils, has, flipped = masking.foils(foil_key, batch["text_ids"], kinds, opposite)
     use = has & (jax.random.uniform(share_key, has.shape) < obj.itm_foil_share)
+    flip_rows = use & flipped
     blocks = 1 + obj.itm_num_negatives
     # The first negative block only.
     use = jnp.concatenate([jnp.zeros_like(use), use] + [jnp.zeros_like(use)] * (blocks - 2))
@@ -296,6 +297,11 @@ def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
     metrics["itm_foil_accuracy"] = (jnp.sum(((itm_logits < 0) & foil_rows).astype(jnp.float32))
                                     / jnp.maximum(jnp.sum(foil_rows), 1))
     metrics["itm_foil_share"] = jnp.sum(foil_rows) / b
+  if obj.itm_foil_spatial:  # the flips alone (rows b .. 2b: the first negative block)
+    flip_logits = itm_logits[b:2 * b]
+    metrics["itm_flip_accuracy"] = (jnp.sum(((flip_logits < 0) & flip_rows).astype(jnp.float32))
+                                    / jnp.maximum(jnp.sum(flip_rows), 1))
+    metrics["itm_flip_share"] = jnp.sum(flip_rows) / b
   if obj.itm_negatives == "hard":
     # The matching head on the drawn negatives alone: how often it tells them apart.
     negatives = swap.labels[b:] == 0

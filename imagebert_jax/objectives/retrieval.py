@@ -215,7 +215,7 @@ def retrieval_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
     foil_key, share_key = jax.random.split(jax.random.fold_in(cand_key, 7))
     opposite = (masking.opposite_words(model.cfg.vocab_size, obj.spatial_opposite_ids)
                 if obj.foil_spatial else None)
-    foils, has = masking.foils(
+    foils, has, flipped = masking.foils(
         foil_key, text, word_kinds(model.cfg.vocab_size, obj.object_token_ids,
                                    obj.attribute_token_ids), opposite)
     has = has & (jax.random.uniform(share_key, has.shape) < obj.foil_share)
@@ -242,6 +242,10 @@ def retrieval_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
   if obj.foil_share:
     metrics["foil_accuracy"] = (jnp.sum((pos > s_cap[:, -1]) & has)
                                 / jnp.maximum(jnp.sum(has), 1)).astype(jnp.float32)
+  if obj.foil_spatial:  # the spatial flips alone
+    flips = has & flipped
+    metrics["flip_accuracy"] = (jnp.sum((pos > s_cap[:, -1]) & flips)
+                                / jnp.maximum(jnp.sum(flips), 1)).astype(jnp.float32)
   if obj.itc_weight:
     l_itc, itc_metrics = contrastive.itc_loss(*embedded, ikey, model.itc_scale())
     total = total + obj.itc_weight * l_itc

@@ -167,6 +167,8 @@ def test_spatial_foils_reach_the_matching_rows():
               spatial_opposite_ids=((7, 8),))
   _, m = P.pretrain_loss(model, batch, jax.random.key(1), _objective(itm_foil_spatial=True, **base))
   assert float(m["itm_foil_share"]) == 0.5
+  assert float(m["itm_flip_share"]) == 0.5  # every foil here is a flip
+  assert float(m["itm_flip_accuracy"]) == float(m["itm_foil_accuracy"])  # the same rows
   _, m = P.pretrain_loss(model, batch, jax.random.key(1), _objective(**base))
   assert float(m["itm_foil_share"]) == 0.0
   with pytest.raises(ValueError, match="itm_foil_spatial"):

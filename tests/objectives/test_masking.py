@@ -206,15 +206,17 @@ def test_spatial_foils_hand_worked():
   np.testing.assert_array_equal(flipped[2:], ids[2:])
   # With the flips: a caption with a spatial word always gets its flip, the others a swap.
   for draw in range(10):
-    f, h = jax.device_get(masking.foils(jax.random.key(draw), ids, jnp.asarray(kinds),
-                                        jnp.asarray(opposite)))
+    f, h, flip = jax.device_get(masking.foils(jax.random.key(draw), ids, jnp.asarray(kinds),
+                                              jnp.asarray(opposite)))
     np.testing.assert_array_equal(h, [True, True, True, False])
+    np.testing.assert_array_equal(flip, [True, True, False, False])
     np.testing.assert_array_equal(f[:2], flipped[:2])
     assert tuple(f[2]) in {(CLS, 5, 9, 7, 5, 6, 10, SEP, PAD), (CLS, 5, 6, 10, 5, 9, 7, SEP, PAD)}
     np.testing.assert_array_equal(f[3], neither)
   # Without them, the swaps alone (the dog and the car of the first caption).
-  f, h = jax.device_get(masking.foils(jax.random.key(0), ids, jnp.asarray(kinds)))
+  f, h, flip = jax.device_get(masking.foils(jax.random.key(0), ids, jnp.asarray(kinds)))
   np.testing.assert_array_equal(h, [True, True, True, False])
+  assert not flip.any()
   np.testing.assert_array_equal(f[0], [CLS, 5, 10, 12, 16, 5, 7, SEP, PAD])
 
 

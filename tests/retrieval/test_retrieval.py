@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from helpers import PAD, TINY, random_batch
+from imagebert_jax.model import ModelConfig
 from imagebert_jax import parallel
 from imagebert_jax.config import defaults as config_defaults
 from imagebert_jax.data import splits
@@ -247,6 +248,28 @@ def test_mining_trains_on_the_hardest_candidates():
   want = 0.5 * (np.mean(np.maximum(0, 0.2 - pos + hardest_caption))
                 + np.mean(np.maximum(0, 0.2 - pos + hardest_image)))
   np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+def test_spatial_flips_are_scored_against_their_own_image():
+  """Captions 0 and 1 are each other's spatial flip (their tokens an opposite pair): each is its
+  image's foil for the other, scored table[flip, image]; the other captions have no foil."""
+  b = 6
+  table = np.random.default_rng(3).normal(size=(b, b)).astype(np.float32)
+  model = TableModel(table)
+  model.cfg = ModelConfig(vocab_size=b)
+  batch = {"text_ids": jnp.asarray(np.stack([[2, i, 3] for i in range(b)]).astype(np.int32)),
+           "region_feat": jnp.asarray(np.arange(b, dtype=np.float32)[:, None, None]
+                                      * np.ones((1, 2, 1), np.float32)),
+           "region_loc": jnp.zeros((b, 2, 5)), "num_regions": jnp.full((b,), 2, jnp.int32),
+           "image_key": jnp.arange(b, dtype=jnp.int32)}
+  obj = R.RetrievalObjective(pad_id=PAD, num_candidates=b - 1, num_hard=2, foil_share=1.0,
+                             object_token_ids=(5,), spatial_opposite_ids=((0, 1),),
+                             foil_spatial=True)
+  obj.validate()
+  _, m = R.retrieval_loss(model, batch, jax.random.key(0), obj)
+  want = np.mean([table[0, 0] > table[1, 0], table[1, 1] > table[0, 1]])
+  assert float(m["flip_accuracy"]) == want
+  assert float(m["foil_accuracy"]) == want  # the flips are the only foils
 
 
 # ---- All-pairs scoring -----------------------------------------------------------------------
