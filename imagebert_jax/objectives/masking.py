@@ -222,7 +222,7 @@ def flip_spatial(text_ids: jax.Array, opposite: jax.Array) -> tuple[jax.Array, j
 
 
 def foils(key: jax.Array, text_ids: jax.Array, word_kinds: jax.Array,
-          opposite: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+          opposite: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Each caption's foil: with `opposite` given, a caption with a spatial word gets its flip
   (`flip_spatial`: rare in captions, and the one foil that asks where things are); the others
   (and all without `opposite`) their two words of one kind swapped (`swap_foils`). Returns

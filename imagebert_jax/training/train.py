@@ -129,9 +129,10 @@ class DetectorWords:
 def detector_words(data_dir: str, vocab: str) -> DetectorWords:
   """The tokens of the object and attribute names the datasets' summaries list (`class_names`,
   `attribute_names`: a detector's vocabularies, synonyms separated by commas) and of the spatial
-  words, WordPiece-tokenized with the stage's vocabulary, without function words, special and
-  unknown tokens. Objects and attributes are each only the names of one token (a foil swaps
-  whole words); no names at all gives no words."""
+  words (with SPATIAL_OPPOSITES' pairs where both are one token), WordPiece-tokenized with the
+  stage's vocabulary, without function words, special and unknown tokens. Objects and
+  attributes are each only the names of one token (a foil swaps whole words); no names at all
+  gives no words."""
   from imagebert_jax.data import pipeline, records
   from imagebert_jax.data.tokenizer import Tokenizer
   names = {"class_names": [], "attribute_names": []}
