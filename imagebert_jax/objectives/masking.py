@@ -222,13 +222,15 @@ def flip_spatial(text_ids: jax.Array, opposite: jax.Array) -> tuple[jax.Array, j
 
 
 def foils(key: jax.Array, text_ids: jax.Array, word_kinds: jax.Array,
-          opposite: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Each caption's foil: with `opposite` given, a caption with a spatial word gets its flip
-  (`flip_spatial`: rare in captions, and the one foil that asks where things are); the others
-  (and all without `opposite`) their two words of one kind swapped (`swap_foils`). Returns
-  (foils [B, T], has_foil [B] bool, flipped [B] bool: the foil is a spatial flip)."""
+          opposite_pairs: tuple[tuple[int, int], ...] = ()
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Each caption's foil: with `opposite_pairs` given (`opposite_words`), a caption with a
+  spatial word gets its flip (`flip_spatial`: rare in captions, and the one foil that asks where
+  things are); the others (and all without pairs) their two words of one kind swapped
+  (`swap_foils`). Returns (foils [B, T], has_foil [B] bool, flipped [B] bool: the foil is a
+  spatial flip)."""
   swapped, has = swap_foils(key, text_ids, word_kinds)
-  if opposite is None:
+  if not opposite_pairs:
     return swapped, has, jnp.zeros_like(has)
-  flipped, has_flip = flip_spatial(text_ids, opposite)
+  flipped, has_flip = flip_spatial(text_ids, opposite_words(word_kinds.shape[0], opposite_pairs))
   return jnp.where(has_flip[:, None], flipped, swapped), has | has_flip, has_flip

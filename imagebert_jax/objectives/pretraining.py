@@ -218,11 +218,11 @@ def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
     # (or a spatial word flipped).
     foil_key, share_key = jax.random.split(jax.random.fold_in(itm_key, 1))
     kinds = word_kinds(model.cfg.vocab_size, obj.object_token_ids, obj.attribute_token_ids)
-    opposite = (masking.opposite_words(model.cfg.vocab_size, obj.spatial_opposite_ids)
-                if obj.itm_foil_spatial else None)
-    foils, has, flipped = masking.foils(foil_key, batch["text_ids"], kinds, opposite)
+    foils, has, flipped = masking.foils(
+        foil_key, batch["text_ids"], kinds,
+        obj.spatial_opposite_ids if obj.itm_foil_spatial else ())
     use = has & (jax.random.uniform(share_key, has.shape) < obj.itm_foil_share)
-    flip_rows = use & flipped
+    foil_pairs, flip_pairs = use, use & flipped  # [B]: the pairs whose first negative is a foil
     blocks = 1 + obj.itm_num_negatives
     # The first negative block only.
     use = jnp.concatenate([jnp.zeros_like(use), use] + [jnp.zeros_like(use)] * (blocks - 2))
@@ -232,7 +232,6 @@ def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
              for k, v in pairs.items()}
     swap = swap._replace(region_src=jnp.where(use, own, swap.region_src),
                          labels=jnp.where(use, 0.0, swap.labels))
-    foil_rows = use
   drop = dropout_key if train else None
 
   # The masked pass: over the matching rows (masked alike whatever their label), or with clean
@@ -293,15 +292,15 @@ def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
   }
   if l_rank is not None:
     metrics["itm_rank_loss"] = l_rank
-  if obj.itm_foil_share:
-    metrics["itm_foil_accuracy"] = (jnp.sum(((itm_logits < 0) & foil_rows).astype(jnp.float32))
-                                    / jnp.maximum(jnp.sum(foil_rows), 1))
-    metrics["itm_foil_share"] = jnp.sum(foil_rows) / b
-  if obj.itm_foil_spatial:  # the flips alone (rows b .. 2b: the first negative block)
-    flip_logits = itm_logits[b:2 * b]
-    metrics["itm_flip_accuracy"] = (jnp.sum(((flip_logits < 0) & flip_rows).astype(jnp.float32))
-                                    / jnp.maximum(jnp.sum(flip_rows), 1))
-    metrics["itm_flip_share"] = jnp.sum(flip_rows) / b
+  if obj.itm_foil_share:  # foils stand in the first negative block, rows b .. 2b
+    def told_apart(pairs):
+      return (jnp.sum(((itm_logits[b:2 * b] < 0) & pairs).astype(jnp.float32))
+              / jnp.maximum(jnp.sum(pairs), 1))
+    metrics["itm_foil_accuracy"] = told_apart(foil_pairs)
+    metrics["itm_foil_share"] = jnp.sum(foil_pairs) / b
+    if obj.itm_foil_spatial:  # the flips alone
+      metrics["itm_flip_accuracy"] = told_apart(flip_pairs)
+      metrics["itm_flip_share"] = jnp.sum(flip_pairs) / b
   if obj.itm_negatives == "hard":
     # The matching head on the drawn negatives alone: how often it tells them apart.
     negatives = swap.labels[b:] == 0

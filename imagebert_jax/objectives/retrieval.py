@@ -213,11 +213,10 @@ def retrieval_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
   if obj.foil_share:
     from imagebert_jax.objectives.pretraining import word_kinds
     foil_key, share_key = jax.random.split(jax.random.fold_in(cand_key, 7))
-    opposite = (masking.opposite_words(model.cfg.vocab_size, obj.spatial_opposite_ids)
-                if obj.foil_spatial else None)
     foils, has, flipped = masking.foils(
         foil_key, text, word_kinds(model.cfg.vocab_size, obj.object_token_ids,
-                                   obj.attribute_token_ids), opposite)
+                                   obj.attribute_token_ids),
+        obj.spatial_opposite_ids if obj.foil_spatial else ())
     has = has & (jax.random.uniform(share_key, has.shape) < obj.foil_share)
     texts.append(foils)
     image_idx.append(jnp.arange(b))
@@ -239,13 +238,13 @@ def retrieval_loss(model: Any, batch: Mapping[str, jax.Array], key: jax.Array,
              "i2t_batch_accuracy": by_caption["rank1_accuracy"],
              "t2i_batch_accuracy": by_image["rank1_accuracy"],
              "positive_score": jnp.mean(pos), "score_std": jnp.std(s)}
-  if obj.foil_share:
-    metrics["foil_accuracy"] = (jnp.sum((pos > s_cap[:, -1]) & has)
-                                / jnp.maximum(jnp.sum(has), 1)).astype(jnp.float32)
-  if obj.foil_spatial:  # the spatial flips alone
-    flips = has & flipped
-    metrics["flip_accuracy"] = (jnp.sum((pos > s_cap[:, -1]) & flips)
-                                / jnp.maximum(jnp.sum(flips), 1)).astype(jnp.float32)
+  if obj.foil_share:  # the share of the pairs ranked above their foil
+    def told_apart(pairs):
+      return (jnp.sum((pos > s_cap[:, -1]) & pairs)
+              / jnp.maximum(jnp.sum(pairs), 1)).astype(jnp.float32)
+    metrics["foil_accuracy"] = told_apart(has)
+    if obj.foil_spatial:  # the spatial flips alone
+      metrics["flip_accuracy"] = told_apart(has & flipped)
   if obj.itc_weight:
     l_itc, itc_metrics = contrastive.itc_loss(*embedded, ikey, model.itc_scale())
     total = total + obj.itc_weight * l_itc

@@ -207,7 +207,7 @@ def test_spatial_foils_hand_worked():
   # With the flips: a caption with a spatial word always gets its flip, the others a swap.
   for draw in range(10):
     f, h, flip = jax.device_get(masking.foils(jax.random.key(draw), ids, jnp.asarray(kinds),
-                                              jnp.asarray(opposite)))
+                                              ((12, 13), (14, 15))))
     np.testing.assert_array_equal(h, [True, True, True, False])
     np.testing.assert_array_equal(flip, [True, True, False, False])
     np.testing.assert_array_equal(f[:2], flipped[:2])

@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 from helpers import PAD, TINY, random_batch
-from imagebert_jax.model import ModelConfig
 from imagebert_jax import parallel
 from imagebert_jax.config import defaults as config_defaults
 from imagebert_jax.data import splits
+from imagebert_jax.model import ModelConfig
 from imagebert_jax.retrieval import evaluate
 from imagebert_jax.training import state as state_lib
 from imagebert_jax.objectives import retrieval as R
