@@ -155,10 +155,12 @@ def retrieval_eval(protocol: str = "full") -> ConfigDict:
   # captions_per_image: each image's first captions in the caption file's order (the Karpathy
   # protocol's five); 0 keeps all. binding_file: tests of captions against foils of the same
   # words (imagebert_jax.retrieval.binding); 'auto': the dataset's binding_<eval_split>.jsonl
-  # when it has one; '' none.
+  # when it has one; '' none. grounding: each visual word of the captions masked and predicted
+  # beside its own image and another (imagebert_jax.retrieval.grounding), where the dataset
+  # names its detector's words.
   return ConfigDict(dict(type="retrieval", protocol=protocol, tile_images=8, tile_captions=128,
                          chunk_images=64, max_images=0, captions_per_image=5, progress=True,
-                         rerank_k=0, binding_file="auto"))
+                         rerank_k=0, binding_file="auto", grounding=True))
 
 
 EVALUATOR_DEFAULTS = {"loss": loss_eval, "validation": validation_eval,

@@ -31,7 +31,7 @@ from imagebert_jax import parallel, paths
 from imagebert_jax.data import pipeline, records, splits
 from imagebert_jax.data.tokenizer import Tokenizer
 from imagebert_jax.model import ModelConfig
-from imagebert_jax.retrieval import binding, two_stage
+from imagebert_jax.retrieval import binding, grounding, two_stage
 from imagebert_jax.retrieval import evaluate as eval_lib
 from imagebert_jax.training import checkpoint as ckpt_lib
 from imagebert_jax.training import metrics as metrics_lib
@@ -165,6 +165,7 @@ class RetrievalEvaluator:
     result = two_stage.evaluate_split(params, split, ctx.graphdef, ctx.mesh, ctx.rules,
                                       ctx.stage_dir, ids=ctx.ids, ecfg=cfg)
     binding_table = self._binding(params, result)
+    grounding_table = self._grounding(params, result)
     seconds = time.time() - started
     spread = eval_lib.score_spread(result.scores)
     if spread["scores_near_constant"]:
@@ -185,7 +186,8 @@ class RetrievalEvaluator:
                                        **table_rows(f"{ctx.name} itc", result.itc_by_protocol)})
             + f"\n(cross-encoder on {result.extra['pairs_scored']:,} of "
             f"{result.extra['all_pairs']:,} pairs; rows 'itc': the embeddings alone)"
-            + (f"\n{binding_table}" if binding_table else ""), flush=True)
+            + (f"\n{binding_table}" if binding_table else "")
+            + (f"\n{grounding_table}" if grounding_table else ""), flush=True)
     self.result = {"metrics": result.metrics, "by_protocol": result.by_protocol, **extra}
     return {f"{self.prefix}/{k}": v for k, v in dict(
         result.metrics, nonfinite_scores=result.extra["nonfinite_scores"]).items()}
@@ -221,6 +223,28 @@ class RetrievalEvaluator:
     result.metrics.update(binding.flat_metrics(by_scorer, tests.skipped))
     result.extra["binding_file"] = path
     return binding.format_table(by_scorer)
+
+  def _grounding(self, params, result) -> str:
+    """Word grounding (imagebert_jax.retrieval.grounding) of the split's captions, with
+    `grounding` on and a dataset that names its detector's words: adds it to `result.metrics`
+    and returns its table ('' otherwise)."""
+    if not self.cfg.get("grounding", True):
+      return ""
+    from imagebert_jax.training.train import detector_words
+    ctx = self.ctx
+    words = detector_words(ctx.data_dir, ctx.vocab)
+    kinds = {"object": words.objects, "attribute": words.attributes,
+             "spatial": tuple(t for pair in words.opposites for t in pair)}
+    if not any(kinds.values()) or self.split.num_images < 2:
+      return ""
+    predict = grounding.split_predictor(params, ctx.graphdef, ctx.mesh, ctx.rules, self.split,
+                                        pad_id=ctx.ids.pad_id)
+    by_kind = grounding.evaluate(self.split.text_ids, self.split.caption_image,
+                                 self.split.num_images, kinds, predict, mask_id=ctx.ids.mask_id)
+    if not by_kind:
+      return ""
+    result.metrics.update(grounding.flat_metrics(by_kind))
+    return grounding.format_table(by_kind)
 
   def summary(self) -> dict:
     return self.result
