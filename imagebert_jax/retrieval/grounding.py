@@ -20,9 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-KINDS = ("object", "attribute", "spatial")
-
-
 class Items(NamedTuple):
   """The masked-word predictions of one kind: caption row, position, and the word's index among
   the kind's candidates."""
