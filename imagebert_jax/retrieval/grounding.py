@@ -108,14 +108,14 @@ def split_predictor(params: Any, graphdef: Any, mesh, rules, split, *, pad_id: i
   def predict(text, image, position, candidates):
     n = len(text)
     order = np.arange(-(-n // batch) * batch) % max(n, 1)
+    inputs = (text.astype(np.int32), image, position)
+    candidates = parallel.replicated_array(candidates, mesh)
     out = []
     with jax.set_mesh(mesh), parallel.logical_rules(rules):
       for b in range(0, len(order), batch):
         rows = order[b:b + batch]
-        arrays = [parallel.replicated_array(np.ascontiguousarray(x[rows]), mesh)
-                  for x in (text.astype(np.int32), image, position)]
-        out.append(step(params, regions, *arrays,
-                        parallel.replicated_array(candidates, mesh)))
+        arrays = [parallel.replicated_array(np.ascontiguousarray(x[rows]), mesh) for x in inputs]
+        out.append(step(params, regions, *arrays, candidates))
     return np.concatenate([np.asarray(jax.device_get(x)) for x in out])[:n]
 
   return predict

@@ -30,6 +30,7 @@ import ml_collections
 from imagebert_jax import parallel, paths
 from imagebert_jax.data import pipeline, records, splits
 from imagebert_jax.data.tokenizer import Tokenizer
+from imagebert_jax.data.words import detector_words
 from imagebert_jax.model import ModelConfig
 from imagebert_jax.retrieval import binding, grounding, two_stage
 from imagebert_jax.retrieval import evaluate as eval_lib
@@ -230,7 +231,6 @@ class RetrievalEvaluator:
     and returns its table ('' otherwise)."""
     if not self.cfg.get("grounding", True):
       return ""
-    from imagebert_jax.training.train import detector_words
     ctx = self.ctx
     words = detector_words(ctx.data_dir, ctx.vocab)
     kinds = {"object": words.objects, "attribute": words.attributes,

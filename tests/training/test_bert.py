@@ -170,13 +170,13 @@ def test_detector_words_with_the_bert_vocabulary(tmp_path):
   """The detector's words and the spatial opposites, read off a dataset summary and tokenized
   with BERT-uncased's vocabulary: one WordPiece each, looked up here by line number."""
   from imagebert_jax.data import records
-  from imagebert_jax.training import train
+  from imagebert_jax.data.words import detector_words
   vocab = os.path.join(minilm_dir(), "vocab.txt")
   with open(vocab, encoding="utf-8") as f:
     line = {w.rstrip("\n"): i for i, w in enumerate(f)}
   (tmp_path / records.INFO_FILE).write_text(json.dumps(
       {"class_names": ["dog,puppy", "car", "street light"], "attribute_names": ["red", "white"]}))
-  words = train.detector_words(str(tmp_path), vocab)
+  words = detector_words(str(tmp_path), vocab)
   assert words.objects == tuple(sorted(line[w] for w in ("dog", "puppy", "car")))
   assert words.attributes == tuple(sorted((line["red"], line["white"])))
   assert words.opposites == ((line["left"], line["right"]), (line["above"], line["below"]),
